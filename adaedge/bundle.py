@@ -1,0 +1,395 @@
+"""The bundle format: a folder with ``manifest.json``, ``graphs/*.onnx`` and an ``engines/`` cache.
+
+A bundle is untrusted input. :func:`load_manifest` checks every field it relies on, keeps every path
+inside the bundle, refuses unknown schema versions, and :meth:`Bundle.piece_path` checks each
+piece's SHA-256 before a backend reads it.
+
+Manifest (schema version 1)::
+
+    {
+      "format": "adaedge-bundle", "schema_version": 1, "adaedge_version": "...",
+      "model": {"name": str, "family": str, "config": {...}, "weights": {...}},
+      "input": {"name": "clip", "layout": "NCTHW", "channels": 3, "frames": T, "size": [H, W],
+                "dtype": "float32", "mean": [3 floats], "std": [3 floats], "labels": [str] | null},
+      "output": value name of the class scores,
+      "pieces": {name: {"file": "graphs/<name>.onnx", "sha256": hex, "flops": int,
+                        "inputs": [{"name", "shape", "dtype"}], "outputs": [...]}},
+      "program": [step, ...],
+      "state": [{"name", "shape", "dtype"}],          # tensors carried from one call to the next
+      "policies": {name: {switch name: branch index}} # forced policies (static, all-half, ...)
+    }
+
+Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
+
+* ``{"op": "run", "name", "piece", "inputs", "outputs"}``: run one piece.
+* ``{"op": "switch", "name", "gate": {"piece", "inputs", "decision", "scores"},
+  "branches": [{"name", "piece"}], "inputs", "outputs"}``: the gate piece's ``decision`` output
+  (int64, one per clip) picks the branch; all branch pieces share I/O names.
+* ``{"op": "exit", "name", "scores", "criterion": "entropy" | "max_prob", "thresholds": {budget: t}}``:
+  clips whose ``scores`` (softmax of) meet the criterion stop here with those scores.
+* ``{"op": "carry", "name", "value", "state"}``: keep ``value`` as state for the next call.
+
+FLOPs are multiply-accumulates of Conv, Gemm and MatMul nodes per clip, counted from the graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+FORMAT = "adaedge-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8")
+STEP_OPS = ("run", "switch", "exit", "carry")
+CRITERIA = ("entropy", "max_prob")
+
+Dim = Union[int, str]
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, corrupt, foreign, or from an unknown schema."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: List[Dim]
+    dtype: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    file: str
+    sha256: str
+    flops: int
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "flops": self.flops,
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs]}
+
+
+@dataclass
+class Manifest:
+    model: Dict[str, Any]
+    input: Dict[str, Any]
+    output: str
+    pieces: Dict[str, Piece]
+    program: List[Dict[str, Any]]
+    state: List[TensorSpec] = field(default_factory=list)
+    policies: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    adaedge_version: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                "adaedge_version": self.adaedge_version, "model": self.model, "input": self.input,
+                "output": self.output,
+                "pieces": {k: p.to_json() for k, p in self.pieces.items()},
+                "program": self.program, "state": [s.to_json() for s in self.state],
+                "policies": self.policies}
+
+    @property
+    def clip_shape(self) -> List[int]:
+        """Shape of one clip, without the batch dimension: (C, T, H, W)."""
+        spec = self.input
+        return [int(spec["channels"]), int(spec["frames"]), int(spec["size"][0]),
+                int(spec["size"][1])]
+
+    def switches(self) -> List[Dict[str, Any]]:
+        return [s for s in self.program if s["op"] == "switch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# safe paths
+
+def safe_join(root: Union[str, Path], relative: str) -> Path:
+    """``root / relative``, refusing absolute paths, ``..`` and links that leave ``root``."""
+    if not isinstance(relative, str) or not relative:
+        raise BundleError(f"bundle path must be a non-empty string, got {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")) or ":" in rel.parts[0]:
+        raise BundleError(f"bundle path {relative!r} is absolute: paths must stay inside the bundle")
+    if any(part == ".." for part in rel.parts) or "\\" in relative:
+        raise BundleError(f"bundle path {relative!r} leaves the bundle")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    try:
+        target.relative_to(base)
+    except ValueError:
+        raise BundleError(f"bundle path {relative!r} resolves to {target}, outside the bundle "
+                          f"{base}") from None
+    return target
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+def _need(obj: Mapping[str, Any], key: str, kind: Any, where: str) -> Any:
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise BundleError(f"manifest: {where} lacks {key!r}")
+    val = obj[key]
+    if kind is int and isinstance(val, bool):
+        raise BundleError(f"manifest: {where}.{key} must be an integer")
+    if not isinstance(val, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BundleError(f"manifest: {where}.{key} must be {names}, got {type(val).__name__}")
+    return val
+
+
+def _name(val: Any, where: str) -> str:
+    if not isinstance(val, str) or not val or len(val) > 200:
+        raise BundleError(f"manifest: {where} must be a non-empty name, got {val!r}")
+    return val
+
+
+def _tensor(obj: Any, where: str) -> TensorSpec:
+    name = _name(_need(obj, "name", str, where), f"{where}.name")
+    shape = _need(obj, "shape", list, where)
+    for d in shape:
+        if isinstance(d, bool) or not (isinstance(d, str) or (isinstance(d, int) and d >= 0)):
+            raise BundleError(f"manifest: {where}.shape has a bad dimension {d!r}")
+    dtype = _need(obj, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise BundleError(f"manifest: {where}.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return TensorSpec(name, list(shape), dtype)
+
+
+def _io_map(obj: Any, where: str, known: Sequence[str]) -> Dict[str, str]:
+    if not isinstance(obj, dict) or not obj:
+        raise BundleError(f"manifest: {where} must map the piece's tensor names to values")
+    for k, v in obj.items():
+        _name(v, f"{where}[{k!r}]")
+        if k not in known:
+            raise BundleError(f"manifest: {where} names {k!r}, which the piece does not have "
+                              f"(it has {', '.join(known)})")
+    return dict(obj)
+
+
+def _check_step(step: Any, i: int, pieces: Dict[str, Piece]) -> None:
+    where = f"program[{i}]"
+    if not isinstance(step, dict):
+        raise BundleError(f"manifest: {where} must be an object")
+    op = _need(step, "op", str, where)
+    if op not in STEP_OPS:
+        raise BundleError(f"manifest: {where}.op {op!r} is unknown (known: {', '.join(STEP_OPS)})")
+    _name(_need(step, "name", str, where), f"{where}.name")
+
+    def piece(name: Any, w: str) -> Piece:
+        _name(name, w)
+        if name not in pieces:
+            raise BundleError(f"manifest: {w} names piece {name!r}, which is not in pieces")
+        return pieces[name]
+
+    if op == "run":
+        p = piece(_need(step, "piece", str, where), f"{where}.piece")
+        _io_map(step.get("inputs"), f"{where}.inputs", [t.name for t in p.inputs])
+        _io_map(step.get("outputs"), f"{where}.outputs", [t.name for t in p.outputs])
+    elif op == "switch":
+        gate = _need(step, "gate", dict, where)
+        g = piece(_need(gate, "piece", str, f"{where}.gate"), f"{where}.gate.piece")
+        _io_map(gate.get("inputs"), f"{where}.gate.inputs", [t.name for t in g.inputs])
+        outs = {t.name: t for t in g.outputs}
+        decision = _need(gate, "decision", str, f"{where}.gate")
+        if decision not in outs or outs[decision].dtype != "int64":
+            raise BundleError(f"manifest: {where}.gate.decision must name an int64 output of "
+                              f"piece {g.name!r}")
+        if "scores" in gate and gate["scores"] not in outs:
+            raise BundleError(f"manifest: {where}.gate.scores is not an output of {g.name!r}")
+        branches = _need(step, "branches", list, where)
+        if not branches:
+            raise BundleError(f"manifest: {where}.branches is empty")
+        first: Optional[Piece] = None
+        for j, b in enumerate(branches):
+            _name(_need(b, "name", str, f"{where}.branches[{j}]"), f"{where}.branches[{j}].name")
+            p = piece(_need(b, "piece", str, f"{where}.branches[{j}]"),
+                      f"{where}.branches[{j}].piece")
+            if first is None:
+                first = p
+            elif ([t.name for t in p.inputs], [t.name for t in p.outputs]) != \
+                    ([t.name for t in first.inputs], [t.name for t in first.outputs]):
+                raise BundleError(f"manifest: {where}: branch {p.name!r} does not have the I/O "
+                                  f"names of {first.name!r}")
+        assert first is not None
+        _io_map(step.get("inputs"), f"{where}.inputs", [t.name for t in first.inputs])
+        _io_map(step.get("outputs"), f"{where}.outputs", [t.name for t in first.outputs])
+    elif op == "exit":
+        _name(_need(step, "scores", str, where), f"{where}.scores")
+        crit = _need(step, "criterion", str, where)
+        if crit not in CRITERIA:
+            raise BundleError(f"manifest: {where}.criterion {crit!r} is not one of "
+                              f"{', '.join(CRITERIA)}")
+        thresholds = step.get("thresholds", {})
+        if not isinstance(thresholds, dict):
+            raise BundleError(f"manifest: {where}.thresholds must be an object")
+        for k, v in thresholds.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BundleError(f"manifest: {where}.thresholds[{k!r}] must be a finite number")
+    elif op == "carry":
+        _name(_need(step, "value", str, where), f"{where}.value")
+        _name(_need(step, "state", str, where), f"{where}.state")
+
+
+def parse_manifest(data: Any) -> Manifest:
+    """Validate a decoded manifest.json and return it as a :class:`Manifest`."""
+    if not isinstance(data, dict):
+        raise BundleError("manifest: top level must be an object")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"not an adaedge bundle: manifest format is {fmt!r}, expected {FORMAT!r}")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError("manifest: schema_version must be an integer")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"bundle schema version {version} is not supported by this adaedge "
+                          f"(it reads version {SCHEMA_VERSION}); re-export the bundle with this "
+                          "adaedge, or install the adaedge that wrote it")
+    model = _need(data, "model", dict, "manifest")
+    _name(_need(model, "name", str, "model"), "model.name")
+    spec = _need(data, "input", dict, "manifest")
+    _name(_need(spec, "name", str, "input"), "input.name")
+    if _need(spec, "layout", str, "input") != "NCTHW":
+        raise BundleError(f"manifest: input.layout {spec['layout']!r} is not supported (NCTHW)")
+    for key in ("channels", "frames"):
+        if _need(spec, key, int, "input") <= 0:
+            raise BundleError(f"manifest: input.{key} must be positive")
+    size = _need(spec, "size", list, "input")
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                 for s in size):
+        raise BundleError("manifest: input.size must be [height, width] of positive integers")
+    for key in ("mean", "std"):
+        vals = _need(spec, key, list, "input")
+        if len(vals) != spec["channels"] or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in vals):
+            raise BundleError(f"manifest: input.{key} must hold one finite number per channel")
+    if any(v == 0 for v in spec["std"]):
+        raise BundleError("manifest: input.std must not hold zeros")
+    labels = spec.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str)
+                                                                     for x in labels)):
+        raise BundleError("manifest: input.labels must be a list of strings or null")
+    output = _name(_need(data, "output", str, "manifest"), "output")
+
+    raw_pieces = _need(data, "pieces", dict, "manifest")
+    pieces: Dict[str, Piece] = {}
+    for pname, p in raw_pieces.items():
+        where = f"pieces[{pname!r}]"
+        _name(pname, where)
+        file = _need(p, "file", str, where)
+        if not file.endswith(".onnx"):
+            raise BundleError(f"manifest: {where}.file {file!r} is not an .onnx file")
+        sha = _need(p, "sha256", str, where)
+        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+            raise BundleError(f"manifest: {where}.sha256 is not a SHA-256 hex digest")
+        flops = _need(p, "flops", int, where)
+        if flops < 0:
+            raise BundleError(f"manifest: {where}.flops must not be negative")
+        ins = [_tensor(t, f"{where}.inputs[{i}]")
+               for i, t in enumerate(_need(p, "inputs", list, where))]
+        outs = [_tensor(t, f"{where}.outputs[{i}]")
+                for i, t in enumerate(_need(p, "outputs", list, where))]
+        pieces[pname] = Piece(pname, file, sha, flops, ins, outs)
+
+    program = _need(data, "program", list, "manifest")
+    if not program:
+        raise BundleError("manifest: program is empty")
+    for i, step in enumerate(program):
+        _check_step(step, i, pieces)
+    state = [_tensor(t, f"state[{i}]") for i, t in enumerate(data.get("state", []) or [])]
+    policies = data.get("policies", {}) or {}
+    if not isinstance(policies, dict):
+        raise BundleError("manifest: policies must be an object")
+    switches = {s["name"]: len(s["branches"]) for s in program if s["op"] == "switch"}
+    for pol, table in policies.items():
+        if not isinstance(table, dict):
+            raise BundleError(f"manifest: policies[{pol!r}] must be an object")
+        for sw, idx in table.items():
+            if sw not in switches:
+                raise BundleError(f"manifest: policies[{pol!r}] names unknown switch {sw!r}")
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < switches[sw]:
+                raise BundleError(f"manifest: policies[{pol!r}][{sw!r}] is not a branch index")
+    return Manifest(model=model, input=spec, output=output, pieces=pieces, program=program,
+                    state=state, policies=policies,
+                    adaedge_version=str(data.get("adaedge_version", "")))
+
+
+class Bundle:
+    """An opened bundle folder with a validated manifest."""
+
+    def __init__(self, root: Union[str, Path], manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self._verified: Dict[str, Path] = {}
+
+    def piece_path(self, name: str, check_hash: bool = True) -> Path:
+        """The piece's file inside the bundle, present and matching its recorded SHA-256."""
+        if name in self._verified:
+            return self._verified[name]
+        piece = self.manifest.pieces[name]
+        path = safe_join(self.root, piece.file)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: piece {name!r} is missing its file {piece.file}")
+        if check_hash:
+            digest = sha256_file(path)
+            if digest != piece.sha256:
+                raise BundleError(f"bundle {self.root}: piece {name!r} ({piece.file}) is corrupt: "
+                                  f"SHA-256 {digest[:12]}… does not match the manifest's "
+                                  f"{piece.sha256[:12]}…")
+        self._verified[name] = path
+        return path
+
+    def verify_files(self) -> None:
+        for name in self.manifest.pieces:
+            self.piece_path(name)
+
+    def engine_dir(self, key: str) -> Path:
+        return safe_join(self.root, f"engines/{key}")
+
+
+def load(root: Union[str, Path]) -> Bundle:
+    """Open and validate a bundle folder (files are hash-checked when first used)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} is not a folder")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not an adaedge bundle: it has no {MANIFEST}")
+    try:
+        with open(mpath, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    return Bundle(root, parse_manifest(data))
+
+
+def write_manifest(root: Union[str, Path], manifest: Manifest) -> Path:
+    """Validate and write ``manifest.json`` atomically."""
+    data = manifest.to_json()
+    parse_manifest(json.loads(json.dumps(data)))  # what we write must read back
+    path = Path(root) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,114 @@
+"""Cut a dynamic network into static ONNX pieces and write them as a bundle.
+
+>>> from adaedge import models, export
+>>> model = models.create("vared_r2plus1d_18", num_classes=5, width_mult=0.125)
+>>> export.export(model, "bundle/", frames=4, size=32)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import onnx
+
+from .. import __version__
+from ..bundle import MANIFEST, Manifest, Piece, TensorSpec, sha256_file, write_manifest
+from ..models import family, model_config, model_name
+from .flops import count_flops
+from .graph import value_dtype, value_shape
+
+# Kinetics statistics, the usual normalisation of video backbones (torchvision's video models).
+KINETICS_MEAN = [0.43216, 0.394666, 0.37645]
+KINETICS_STD = [0.22803, 0.22145, 0.216989]
+
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked (bad destination, unknown family, bad sizes)."""
+
+
+def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: str,
+                   progress: Progress) -> Any:
+    if fam == "vared":
+        from .vared import export_vared
+        return export_vared(model, frames, size, execution, progress)
+    raise ExportError(f"no exporter for model family {fam!r}")
+
+
+def _prepare_destination(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if any(out.iterdir()):
+            if not (out / MANIFEST).is_file():
+                raise ExportError(f"{out} is a non-empty folder that is not a bundle; "
+                                  "choose an empty or new folder")
+            if not overwrite:
+                raise ExportError(f"{out} already holds a bundle; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+
+
+def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = None,
+           size: Optional[int] = None, *, execution: str = "dynamic",
+           labels: Optional[Sequence[str]] = None, mean: Sequence[float] = KINETICS_MEAN,
+           std: Sequence[float] = KINETICS_STD, weights: Optional[Dict[str, Any]] = None,
+           overwrite: bool = False, progress: Progress = None) -> Manifest:
+    """Write ``model`` as a bundle at ``out``; returns the manifest.
+
+    ``frames`` and ``size`` fix the static input (default: the model's config). The bundle is built
+    in a temporary folder beside ``out`` and moved into place only when complete, so a failed
+    export leaves nothing half-written, and an existing bundle is replaced only with ``overwrite``.
+    """
+    name = model_name(model)
+    fam = family(name)
+    frames = int(frames or getattr(model, "frames"))
+    size = int(size or getattr(model, "size"))
+    if frames < 1 or size < 8:
+        raise ExportError(f"frames must be >= 1 and size >= 8, got frames={frames} size={size}")
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and num_classes is not None and len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
+    out = Path(out)
+    _prepare_destination(out, overwrite)
+    pieces, program, policies, output = _family_pieces(fam, model, frames, size, execution,
+                                                       progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "graphs").mkdir()
+        specs: Dict[str, Piece] = {}
+        for pname, proto in pieces.items():
+            rel = f"graphs/{pname}.onnx"
+            path = tmp / rel
+            onnx.save(proto, str(path))
+            specs[pname] = Piece(
+                name=pname, file=rel, sha256=sha256_file(path), flops=count_flops(proto),
+                inputs=[TensorSpec(v.name, value_shape(v), value_dtype(v)) for v in proto.graph.input],
+                outputs=[TensorSpec(v.name, value_shape(v), value_dtype(v))
+                         for v in proto.graph.output])
+        manifest = Manifest(
+            model={"name": name, "family": fam, "config": model_config(model),
+                   "execution": execution, "weights": weights or {"source": "unknown"}},
+            input={"name": "clip", "layout": "NCTHW", "channels": 3, "frames": frames,
+                   "size": [size, size], "dtype": "float32", "mean": [float(m) for m in mean],
+                   "std": [float(s) for s in std],
+                   "labels": list(labels) if labels is not None else None},
+            output=output, pieces=specs, program=program, policies=policies,
+            adaedge_version=__version__)
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+__all__ = ["export", "ExportError", "count_flops", "KINETICS_MEAN", "KINETICS_STD"]
+

@@ -1,0 +1,241 @@
+"""Cut a VA-RED² network into static ONNX pieces: per dynamic unit one gate and one piece per branch.
+
+Each branch piece is the whole unit for that branch, with the batch norm folded into the weights:
+
+    Conv(x, W[:C] * s, b)                          the computed filters, temporal stride * R
+    -> Conv_dw(., Phi^c) ; Concat                  channel fill, when r < 1
+    -> Conv_dw(., Phi^t) ; interleave frames       temporal fill, when R > 1
+    -> Add(., identity) -> Relu                    as the unit has them
+
+``execution="masked"`` writes what the papers' code runs instead: the full convolution, then the
+slice the branch keeps, then the fills. It exists to measure how much the static pieces win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+import torch
+
+from ..models.vared_r2plus1d import DynamicUnit, Head, VaRedR2Plus1D
+from ..nn.vared import Branch, DynamicConv3d
+from .graph import Graph
+
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+@dataclass
+class UnitPlan:
+    """One unit in program order: its name (= its output value), input values and shapes."""
+
+    name: str
+    unit: DynamicUnit
+    x: str
+    identity: Optional[str]
+    in_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+
+
+def plan_units(model: VaRedR2Plus1D, frames: int, size: int) -> Tuple[List[UnitPlan], Tuple[int, ...]]:
+    """The units in program order with their per-clip shapes, found by one forward pass."""
+    names = {id(m): n for n, m in model.named_modules()}
+    order: List[Tuple[DynamicUnit, Tuple[int, ...], Tuple[int, ...]]] = []
+    head_in: List[Tuple[int, ...]] = []
+
+    def unit_hook(mod: torch.nn.Module, inp: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        assert isinstance(mod, DynamicUnit)
+        order.append((mod, tuple(inp[0].shape[1:]), tuple(out.shape[1:])))
+
+    hooks = [m.register_forward_hook(unit_hook) for m in model.modules()
+             if isinstance(m, DynamicUnit)]
+    hooks.append(model.head.register_forward_hook(
+        lambda mod, inp, out: head_in.append(tuple(inp[0].shape[1:]))))
+    was_training = model.training
+    model.eval()
+    try:
+        model.set_policy(0)
+        with torch.no_grad():
+            model(torch.zeros(1, 3, frames, size, size))
+    finally:
+        model.set_policy(None)
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+    # Wire values: follow the model's forward (stem, then per block: shortcut, four units).
+    plans: List[UnitPlan] = []
+    shapes = {id(u): (i, o) for u, i, o in order}
+
+    def add(unit: DynamicUnit, x: str, identity: Optional[str] = None) -> str:
+        i, o = shapes[id(unit)]
+        plans.append(UnitPlan(names[id(unit)], unit, x, identity, i, o))
+        return names[id(unit)]
+
+    x = add(model.stem_t, add(model.stem_s, "clip"))
+    for block in model.blocks():
+        identity = add(block.downsample, x) if block.downsample is not None else x
+        y = add(block.conv1_t, add(block.conv1_s, x))
+        x = add(block.conv2_t, add(block.conv2_s, y), identity)
+    return plans, head_in[0]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _bn_fold(conv: DynamicConv3d) -> Tuple[np.ndarray, np.ndarray]:
+    bn = conv.bn
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+    return scale, _np(bn.bias) - _np(bn.running_mean) * scale
+
+
+def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> onnx.ModelProto:
+    """The static graph of one branch of one unit (batch norm folded)."""
+    unit, conv = plan.unit, plan.unit.conv
+    g = Graph(f"{plan.name}.{branch.name}")
+    x = g.input("x", ["N", *plan.in_shape])
+    identity = g.input("identity", ["N", *plan.out_shape]) if unit.residual else None
+    scale, shift = _bn_fold(conv)
+    weight = _np(conv.conv.weight) * scale[:, None, None, None, None]
+    out_ch, frames_out = conv.out_channels, plan.out_shape[1]
+    computed = out_ch // 2 ** branch.c
+    r = branch.temporal_factor
+    kt, kh, kw = conv.kernel_size
+    pt, ph, pw = conv.padding
+    pads = [pt, ph, pw, pt, ph, pw]
+    st, sh, sw = conv.stride
+    if execution == "dynamic":
+        y = g.op("Conv", x, g.const(weight[:computed], "w"), g.const(shift[:computed], "b"),
+                 kernel_shape=[kt, kh, kw], strides=[st * r, sh, sw], pads=pads)
+    elif execution == "masked":  # the papers' execution: compute everything, keep the branch's part
+        y = g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"),
+                 kernel_shape=[kt, kh, kw], strides=[st, sh, sw], pads=pads)
+        if computed < out_ch or r > 1:
+            y = g.op("Slice", y, g.const([0, 0], "starts", "int64"),
+                     g.const([computed, frames_out], "ends", "int64"),
+                     g.const([1, 2], "axes", "int64"), g.const([1, r], "steps", "int64"))
+    else:
+        raise ValueError(f"execution must be 'dynamic' or 'masked', not {execution!r}")
+    dw_pads = [0, 1, 1, 0, 1, 1]
+    if branch.c:
+        fill = conv.channel_fill[branch.c - 1]
+        f = g.op("Conv", y, g.const(_np(fill.weight), "wc"), g.const(_np(fill.bias), "bc"),
+                 kernel_shape=[1, 3, 3], pads=dw_pads, group=computed)
+        y = g.op("Concat", y, f, axis=1)
+    if branch.t:
+        fill = conv.temporal_fill[branch.t - 1]
+        computed_frames = -(-frames_out // r)
+        h, w = plan.out_shape[2], plan.out_shape[3]
+        f = g.op("Conv", y, g.const(_np(fill.weight), "wt"), g.const(_np(fill.bias), "bt"),
+                 kernel_shape=[1, 3, 3], pads=dw_pads, group=out_ch)
+        y6 = g.op("Reshape", y, g.const([0, out_ch, computed_frames, 1, h, w], "shape", "int64"))
+        if r == 2:
+            f6 = g.op("Reshape", f, g.const([0, out_ch, computed_frames, 1, h, w], "shape",
+                                             "int64"))
+        else:
+            f6 = g.op("Reshape", f, g.const([0, out_ch, r - 1, computed_frames, h, w], "shape",
+                                             "int64"))
+            f6 = g.op("Transpose", f6, perm=[0, 1, 3, 2, 4, 5])
+        y = g.op("Concat", y6, f6, axis=3)
+        y = g.op("Reshape", y, g.const([0, out_ch, computed_frames * r, h, w], "shape", "int64"))
+        if computed_frames * r != frames_out:
+            y = g.op("Slice", y, g.const([0], "starts", "int64"),
+                     g.const([frames_out], "ends", "int64"), g.const([2], "axes", "int64"))
+    if identity is not None:
+        y = g.op("Add", y, identity)
+    if unit.relu:
+        y = g.op("Relu", y)
+    g.output(y, "y")
+    return g.model()
+
+
+def gate_graph(plan: UnitPlan) -> onnx.ModelProto:
+    """The gate: scores = max(tanh(FC2(ReLU(BN(FC1(GAP(x))))) + beta), 0) and the branch index."""
+    gate = plan.unit.conv.gate
+    g = Graph(f"{plan.name}.gate")
+    x = g.input("x", ["N", *plan.in_shape])
+    z = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    bn = gate.bn
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+    w1 = _np(gate.fc1.weight) * scale[:, None]
+    b1 = _np(bn.bias) - _np(bn.running_mean) * scale
+    z = g.op("Relu", g.op("Gemm", z, g.const(w1, "w1"), g.const(b1, "b1"), transB=1))
+    z = g.op("Gemm", z, g.const(_np(gate.fc2.weight), "w2"), g.const(_np(gate.beta), "beta"),
+             transB=1)
+    scores = g.op("Max", g.op("Tanh", z), g.const(np.zeros((), np.float32), "zero"))
+    st, sc = gate.temporal_choices, gate.channel_choices
+
+    def argmax(start: int, stop: int) -> str:
+        part = g.op("Slice", scores, g.const([start], "s", "int64"), g.const([stop], "e", "int64"),
+                    g.const([1], "a", "int64"))
+        return g.op("ArgMax", part, axis=1, keepdims=0)
+
+    decision = g.op("Add", g.op("Mul", argmax(0, st), g.const(np.array(sc, np.int64), "sc")),
+                    argmax(st, st + sc))
+    g.output(scores, "scores")
+    g.output(decision, "branch", dtype="int64")
+    return g.model()
+
+
+def head_graph(head: Head, in_shape: Tuple[int, ...]) -> onnx.ModelProto:
+    g = Graph("head")
+    x = g.input("x", ["N", *in_shape])
+    z = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    logits = g.op("Gemm", z, g.const(_np(head.fc.weight), "w"), g.const(_np(head.fc.bias), "b"),
+                  transB=1)
+    g.output(logits, "logits")
+    return g.model()
+
+
+def _tag(branch: Branch) -> str:
+    return branch.name.replace("/", "_")
+
+
+def export_vared(model: VaRedR2Plus1D, frames: int, size: int, execution: str = "dynamic",
+                 progress: Progress = None) -> "Tuple[Dict[str, onnx.ModelProto], List[dict], Dict[str, Dict[str, int]], str]":
+    """The pieces, the program and the forced policies of a VA-RED² R(2+1)D network.
+
+    Returns ``(pieces, program, policies, output_value)``; :func:`adaedge.export.export` writes them.
+    """
+    if execution not in ("dynamic", "masked"):
+        raise ValueError(f"execution must be 'dynamic' or 'masked', not {execution!r}")
+    model = model.eval()
+    plans, head_in = plan_units(model, frames, size)
+    pieces: Dict[str, onnx.ModelProto] = {}
+    program: List[dict] = []
+    total = len(plans) + 1
+    for i, plan in enumerate(plans):
+        if progress:
+            progress(i, total, plan.name)
+        conv = plan.unit.conv
+        gate_name = f"{plan.name}.gate"
+        pieces[gate_name] = gate_graph(plan)
+        inputs = {"x": plan.x}
+        if plan.identity is not None:
+            inputs["identity"] = plan.identity
+        branches = []
+        for b in conv.branches:
+            piece = f"{plan.name}.{_tag(b)}"
+            pieces[piece] = branch_graph(plan, b, execution)
+            branches.append({"name": b.name, "piece": piece})
+        program.append({"op": "switch", "name": plan.name,
+                        "gate": {"piece": gate_name, "inputs": {"x": plan.x},
+                                 "decision": "branch", "scores": "scores"},
+                        "branches": branches, "inputs": inputs, "outputs": {"y": plan.name}})
+    if progress:
+        progress(total - 1, total, "head")
+    pieces["head"] = head_graph(model.head, head_in)
+    program.append({"op": "run", "name": "head", "piece": "head",
+                    "inputs": {"x": plans[-1].name}, "outputs": {"logits": "logits"}})
+    s = model.search_space
+    named = {"static": (0, 0), "all-half": (0, min(1, s - 1)), "all-stride2": (min(1, s - 1), 0),
+             "cheapest": (s - 1, s - 1)}
+    policies = {pol: {p.name: t * s + c for p in plans} for pol, (t, c) in named.items()}
+    if progress:
+        progress(total, total, "done")
+    return pieces, program, policies, "logits"

@@ -1,0 +1,8 @@
+"""Dynamic building blocks: gates, dynamic convolutions, cheap-operation fill.
+
+Each block knows its static branches, which :mod:`adaedge.export` turns into ONNX pieces.
+"""
+
+from .vared import Branch, DynamicConv3d, SoftModulationGate, efficiency_loss
+
+__all__ = ["Branch", "DynamicConv3d", "SoftModulationGate", "efficiency_loss"]

@@ -1,0 +1,255 @@
+"""VA-RED² building blocks: the soft modulation gate and the dynamic convolution.
+
+Pan et al., "VA-RED²: Video Adaptive Redundancy Reduction", ICLR 2021.
+
+A dynamic layer is a 3D convolution followed by its batch norm. A soft modulation gate reads the
+layer's input and scores a temporal policy (S_t choices) and a channel policy (S_c choices)::
+
+    p(X) = max(tanh(FC2(ReLU(BN(FC1(GAP(X))))) + beta), 0)        (poster, "soft modulation gate")
+
+Temporal branch i multiplies the temporal stride by R = 2^i and computes only output frames
+0, R, 2R, ...; a cheap temporal operation rebuilds the others, Y[iR + j] = Phi^t_j(Y'[i]).
+Channel branch i computes the first r = (1/2)^i of the output filters with the same weights as the
+full convolution (a slice) and a cheap depthwise operation fills the rest, Y = [Y', Phi^c(Y')].
+Every branch returns the shape of the full convolution.
+
+Following GhostNet (Han et al., CVPR 2020), the cheap operations act on the *normalised* computed
+maps: the layer's batch norm is applied to the computed filters (sliced for a channel branch) and
+each cheap operation is a depthwise 3x3 convolution with its own bias. This keeps every branch an
+exact composition of convolutions, so the exporter folds each branch into one static graph.
+
+Training mixes the branches weighted by the gate (poster, Y = sum_j V_t[j] sum_i V_c[i] f(X; R_j,
+r_i)); evaluation takes the single branch the gate picks (arg-max of each policy), per clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Triple = Tuple[int, int, int]
+
+
+def _triple(v: Union[int, Sequence[int]]) -> Triple:
+    if isinstance(v, int):
+        return (v, v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) != 3:
+        raise ValueError(f"expected 3 values, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One static branch of a dynamic layer: temporal index t (R = 2^t), channel index c (r = 2^-c)."""
+
+    index: int
+    t: int
+    c: int
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** self.t
+
+    @property
+    def channel_ratio(self) -> float:
+        return 0.5 ** self.c
+
+    @property
+    def name(self) -> str:
+        denom = 2 ** self.c
+        return f"R{self.temporal_factor}-r1" if denom == 1 else f"R{self.temporal_factor}-r1/{denom}"
+
+
+class SoftModulationGate(nn.Module):
+    """p(X) = max(tanh(FC2(ReLU(BN(FC1(GAP(X))))) + beta), 0), split into temporal and channel scores.
+
+    ``beta`` is the per-layer bias beta_p^l of the poster; FC2 has no bias of its own.
+    """
+
+    def __init__(self, in_channels: int, temporal_choices: int, channel_choices: int,
+                 hidden: Optional[int] = None, full_bias: float = 0.5) -> None:
+        super().__init__()
+        self.temporal_choices = temporal_choices
+        self.channel_choices = channel_choices
+        hidden = hidden or max(8, in_channels // 4)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, temporal_choices + channel_choices, bias=False)
+        beta = torch.zeros(temporal_choices + channel_choices)
+        beta[0] = full_bias                   # temporal: stride factor 1 preferred at start
+        beta[temporal_choices] = full_bias    # channel: all filters preferred at start
+        self.beta = nn.Parameter(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.mean(dim=(2, 3, 4))
+        z = F.relu(self.bn(self.fc1(z)))
+        return torch.clamp(torch.tanh(self.fc2(z) + self.beta), min=0.0)
+
+    def decide(self, scores: torch.Tensor) -> torch.Tensor:
+        """Branch index per clip: argmax of the temporal scores * S_c + argmax of the channel scores."""
+        t = scores[:, : self.temporal_choices].argmax(dim=1)
+        c = scores[:, self.temporal_choices:].argmax(dim=1)
+        return t * self.channel_choices + c
+
+
+class DynamicConv3d(nn.Module):
+    """A 3D convolution and its batch norm with VA-RED²'s temporal and channel branches.
+
+    ``search_space`` S gives S temporal choices (R = 1, 2, ..., 2^(S-1)) and S channel choices
+    (r = 1, 1/2, ..., (1/2)^(S-1)); ``out_channels`` must be divisible by 2^(S-1).
+
+    Attributes set by the caller:
+        force: ``None`` lets the gate choose; an int forces that branch index for every clip.
+    After each forward, ``last_scores`` holds the gate's scores and ``last_branch`` (eval mode)
+    the branch index taken per clip.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
+                 stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
+                 search_space: int = 2, gate_hidden: Optional[int] = None,
+                 gate_full_bias: float = 0.5) -> None:
+        super().__init__()
+        if search_space < 1:
+            raise ValueError("search_space must be at least 1")
+        step = 2 ** (search_space - 1)
+        if out_channels % step:
+            raise ValueError(f"out_channels={out_channels} is not divisible by 2^(S-1)={step}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _triple(kernel_size)
+        self.stride = _triple(stride)
+        self.padding = _triple(padding)
+        self.search_space = search_space
+        self.conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, self.stride,
+                              self.padding, bias=False)
+        self.bn = nn.BatchNorm3d(out_channels)
+        self.gate = SoftModulationGate(in_channels, search_space, search_space, gate_hidden,
+                                       gate_full_bias)
+        # channel_fill[c-1]: from the first out/2^c filters to the remaining ones (depthwise,
+        # channel multiplier 2^c - 1).
+        self.channel_fill = nn.ModuleList()
+        for c in range(1, search_space):
+            computed = out_channels // 2 ** c
+            self.channel_fill.append(nn.Conv3d(computed, out_channels - computed, (1, 3, 3),
+                                               padding=(0, 1, 1), groups=computed, bias=True))
+        # temporal_fill[t-1]: from each computed frame to the R - 1 frames after it (depthwise,
+        # channel multiplier R - 1).
+        self.temporal_fill = nn.ModuleList()
+        for t in range(1, search_space):
+            r = 2 ** t
+            self.temporal_fill.append(nn.Conv3d(out_channels, out_channels * (r - 1), (1, 3, 3),
+                                                padding=(0, 1, 1), groups=out_channels, bias=True))
+        self._init_cheap_ops()
+        self.force: Optional[int] = None
+        self.last_scores: Optional[torch.Tensor] = None
+        self.last_branch: Optional[torch.Tensor] = None
+
+    def _init_cheap_ops(self) -> None:
+        # Start the cheap operations as copies (centre tap 1), the natural guess for a redundant map.
+        for m in list(self.channel_fill) + list(self.temporal_fill):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+            with torch.no_grad():
+                m.weight[:, :, 0, 1, 1] = 1.0
+
+    @property
+    def branches(self) -> Tuple[Branch, ...]:
+        s = self.search_space
+        return tuple(Branch(t * s + c, t, c) for t in range(s) for c in range(s))
+
+    def output_frames(self, frames: int) -> int:
+        k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
+        return (frames + 2 * p - k) // s + 1
+
+    def branch_forward(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """The static computation of one branch (normalised by the layer's batch norm)."""
+        computed = self.out_channels // 2 ** branch.c
+        r = branch.temporal_factor
+        stride = (self.stride[0] * r, self.stride[1], self.stride[2])
+        y = F.conv3d(x, self.conv.weight[:computed], None, stride, self.padding)
+        bn = self.bn
+        y = F.batch_norm(y, bn.running_mean[:computed] if bn.running_mean is not None else None,
+                         bn.running_var[:computed] if bn.running_var is not None else None,
+                         bn.weight[:computed], bn.bias[:computed],
+                         self.training or not bn.track_running_stats, bn.momentum or 0.0, bn.eps)
+        if branch.c:
+            y = torch.cat([y, self.channel_fill[branch.c - 1](y)], dim=1)
+        if branch.t:
+            frames_out = self.output_frames(x.shape[2])
+            n, ch, tc, h, w = y.shape
+            filled = self.temporal_fill[branch.t - 1](y).view(n, ch, r - 1, tc, h, w)
+            y = torch.cat([y.unsqueeze(2), filled], dim=2)          # (n, ch, r, tc, h, w)
+            y = y.transpose(2, 3).reshape(n, ch, tc * r, h, w)[:, :, :frames_out]
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(x)
+        self.last_scores = scores
+        if self.training and self.force is None:
+            s = self.search_space
+            vt, vc = scores[:, :s], scores[:, s:]
+            out = None
+            for b in self.branches:
+                w = (vt[:, b.t] * vc[:, b.c]).view(-1, 1, 1, 1, 1)
+                term = w * self.branch_forward(x, b)
+                out = term if out is None else out + term
+            assert out is not None
+            return out
+        if self.force is not None:
+            choice = torch.full((x.shape[0],), int(self.force), dtype=torch.long, device=x.device)
+        else:
+            choice = self.gate.decide(scores)
+        self.last_branch = choice
+        return self.dispatch(x, choice)
+
+    def dispatch(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Run each clip through its branch: group the batch by branch, run each group once."""
+        branches = self.branches
+        if bool((choice == choice[0]).all()):
+            return self.branch_forward(x, branches[int(choice[0])])
+        out: Optional[torch.Tensor] = None
+        for idx in torch.unique(choice).tolist():
+            rows = (choice == idx).nonzero(as_tuple=True)[0]
+            y = self.branch_forward(x[rows], branches[idx])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+            out[rows] = y
+        assert out is not None
+        return out
+
+    def static_macs(self, frames_in: int, size_out: Tuple[int, int]) -> int:
+        """Multiply-accumulates of the full (static) convolution for one clip."""
+        kt, kh, kw = self.kernel_size
+        return (self.out_channels * self.output_frames(frames_in) * size_out[0] * size_out[1]
+                * self.in_channels * kt * kh * kw)
+
+    def expected_cost_ratio(self) -> torch.Tensor:
+        """E[r / R] per clip under the gate's last scores, the poster's r_l^s / R_l^s."""
+        if self.last_scores is None:
+            raise RuntimeError("run a forward pass first")
+        s = self.search_space
+        vt, vc = self.last_scores[:, :s], self.last_scores[:, s:]
+        powers = 0.5 ** torch.arange(s, dtype=vt.dtype, device=vt.device)
+        inv_r = (vt * powers).sum(1) / vt.sum(1).clamp_min(1e-6)
+        ratio = (vc * powers).sum(1) / vc.sum(1).clamp_min(1e-6)
+        return ratio * inv_r
+
+
+def efficiency_loss(layers: Sequence[DynamicConv3d], costs: Sequence[float],
+                    correct: torch.Tensor) -> torch.Tensor:
+    """The poster's L_e = (mu_0 * sum_l C(f_l) / sum_k C(f_k) * r_l^s / R_l^s)^2, averaged over clips.
+
+    ``costs`` are the static MACs of each layer, ``correct`` a bool tensor (mu_0 per clip): clips the
+    network gets wrong are not pushed to be cheaper.
+    """
+    total = float(sum(costs))
+    if total <= 0:
+        raise ValueError("layer costs must be positive")
+    spent = sum(layer.expected_cost_ratio() * (cost / total) for layer, cost in zip(layers, costs))
+    assert isinstance(spent, torch.Tensor)
+    return ((correct.to(spent.dtype) * spent) ** 2).mean()

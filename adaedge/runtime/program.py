@@ -1,0 +1,315 @@
+"""The program interpreter: gate -> branch -> ... -> exit, per clip, with the batch grouped by branch.
+
+No torch here: values are NumPy arrays with the batch first, and every piece runs through a backend.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError, Manifest
+from .backends import Backend, Executable, create_backend
+
+Force = Union[None, str, int, Mapping[str, int]]
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+class InputError(ValueError):
+    """Clips (or options) that do not fit the bundle."""
+
+
+@dataclass
+class StepRecord:
+    step: str
+    piece: str
+    ms: float
+    batch: int
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"step": self.step, "piece": self.piece, "ms": round(self.ms, 4), "batch": self.batch}
+
+
+@dataclass
+class Trace:
+    """What one clip went through: the branch at each gate, FLOPs spent, each step's time.
+
+    ``ms`` of a step is the wall time of the run that served this clip; a run serves a group of
+    ``batch`` clips at once.
+    """
+
+    branches: Dict[str, str] = field(default_factory=dict)
+    flops: int = 0
+    steps: List[StepRecord] = field(default_factory=list)
+    exit: Optional[str] = None
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"branches": self.branches, "flops": self.flops, "exit": self.exit,
+                "steps": [s.to_json() for s in self.steps]}
+
+
+@dataclass
+class Result:
+    scores: np.ndarray                      # (N, classes)
+    traces: List[Trace]
+    values: Dict[str, np.ndarray] = field(default_factory=dict)  # with keep_values=True
+    state: Dict[str, np.ndarray] = field(default_factory=dict)   # state for the next call
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.scores.argmax(axis=1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def exit_measure(scores: np.ndarray, criterion: str) -> np.ndarray:
+    """Entropy (nats, lower is surer) or max probability (higher is surer) of softmax(scores)."""
+    p = _softmax(scores.astype(np.float64))
+    if criterion == "entropy":
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return p.max(axis=1)
+
+
+class Runtime:
+    """A loaded bundle: one executable per piece, and the program that strings them together."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, progress: Progress = None) -> None:
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
+        self.backend = backend
+        used: List[str] = []
+        for step in self.manifest.program:
+            if step["op"] == "run":
+                used.append(step["piece"])
+            elif step["op"] == "switch":
+                used.append(step["gate"]["piece"])
+                used.extend(b["piece"] for b in step["branches"])
+        self.executables: Dict[str, Executable] = {}
+        for i, name in enumerate(dict.fromkeys(used)):
+            if progress:
+                progress(i, len(used), name)
+            self.executables[name] = backend.load(bundle, name)
+        self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
+
+    # -- policies ---------------------------------------------------------------------------
+    @property
+    def policies(self) -> List[str]:
+        return sorted(self.manifest.policies)
+
+    def resolve_force(self, force: Force) -> Dict[str, int]:
+        """A forced policy as {switch name: branch index} (empty: gates choose)."""
+        switches = {s["name"]: len(s["branches"]) for s in self.manifest.switches()}
+        if force is None:
+            return {}
+        if isinstance(force, str):
+            if force not in self.manifest.policies:
+                raise InputError(f"unknown policy {force!r}; this bundle has "
+                                 f"{', '.join(self.policies) or 'none'}")
+            return dict(self.manifest.policies[force])
+        if isinstance(force, (int, np.integer)) and not isinstance(force, bool):
+            bad = [n for n, k in switches.items() if not 0 <= int(force) < k]
+            if bad:
+                raise InputError(f"branch {force} does not exist at switch {bad[0]!r}")
+            return {n: int(force) for n in switches}
+        if isinstance(force, Mapping):
+            out = {}
+            for name, idx in force.items():
+                if name not in switches:
+                    raise InputError(f"unknown switch {name!r}")
+                if not 0 <= int(idx) < switches[name]:
+                    raise InputError(f"branch {idx} does not exist at switch {name!r}")
+                out[name] = int(idx)
+            return out
+        raise InputError(f"force must be None, a policy name, a branch index or a mapping, "
+                         f"not {type(force).__name__}")
+
+    # -- input ------------------------------------------------------------------------------
+    def check_clips(self, clips: Any) -> np.ndarray:
+        expected = self.manifest.clip_shape
+        arr = np.asarray(clips)
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"clips must be numeric, got dtype {arr.dtype}")
+        if arr.ndim != 5 or list(arr.shape[1:]) != expected or arr.shape[0] < 1:
+            raise InputError(f"clips of shape {tuple(arr.shape)} do not match the bundle's input "
+                             f"(N, {', '.join(map(str, expected))}) in layout NCTHW, normalised "
+                             "with the manifest's mean and std")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def initial_state(self, batch: int) -> Dict[str, np.ndarray]:
+        state = {}
+        for spec in self.manifest.state:
+            shape = [batch] + [int(d) for d in spec.shape[1:]]
+            state[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        return state
+
+    # -- the interpreter --------------------------------------------------------------------
+    def _run(self, piece: str, step: str, feeds: Mapping[str, np.ndarray],
+             rows: np.ndarray, traces: List[Trace]) -> Dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        out = self.executables[piece].run(feeds)
+        ms = (time.perf_counter() - t0) * 1e3
+        flops = self._flops[piece]
+        for r in rows:
+            tr = traces[r]
+            tr.flops += flops
+            tr.steps.append(StepRecord(step, piece, ms, len(rows)))
+        return out
+
+    def classify(self, clips: Any, force: Force = None, budget: Optional[str] = None,
+                 exit_at: Optional[str] = None, keep_values: bool = False,
+                 state: Optional[Mapping[str, np.ndarray]] = None) -> Result:
+        """Scores and a trace per clip for a batch of clips (N, C, T, H, W).
+
+        ``force`` fixes the branches (a policy name from the manifest, one branch index for every
+        switch, or {switch: index}); ``budget`` picks the exit thresholds stored under that name;
+        ``exit_at`` stops every clip at the named exit step (for verification); ``state`` is the
+        carried state of a stream (default: zeros).
+        """
+        x = self.check_clips(clips)
+        n = x.shape[0]
+        forced = self.resolve_force(force)
+        m = self.manifest
+        values: Dict[str, np.ndarray] = {m.input["name"]: x}
+        st = dict(state) if state is not None else self.initial_state(n)
+        for spec in m.state:
+            if spec.name not in st or st[spec.name].shape[0] != n:
+                raise InputError(f"state {spec.name!r} is missing or not for a batch of {n}")
+        values.update(st)
+        new_state = {k: v.copy() for k, v in st.items()}
+        traces = [Trace() for _ in range(n)]
+        active = np.arange(n)            # original clip index of each row still running
+        results: List[Optional[np.ndarray]] = [None] * n
+        kept: Dict[str, np.ndarray] = {}
+
+        def feed(mapping: Mapping[str, str], step: str) -> Dict[str, np.ndarray]:
+            try:
+                return {k: values[v] for k, v in mapping.items()}
+            except KeyError as e:
+                raise BundleError(f"program step {step!r} reads value {e.args[0]!r} before any "
+                                  "step writes it") from None
+
+        def store(mapping: Mapping[str, str], outs: Mapping[str, np.ndarray]) -> None:
+            for k, v in mapping.items():
+                values[v] = outs[k]
+                if keep_values:
+                    kept[v] = outs[k]
+
+        for step in m.program:
+            if len(active) == 0:
+                break
+            op, name = step["op"], step["name"]
+            if op == "run":
+                outs = self._run(step["piece"], name, feed(step["inputs"], name), active, traces)
+                store(step["outputs"], outs)
+            elif op == "switch":
+                branches = step["branches"]
+                feeds = feed(step["inputs"], name)
+                if name in forced:
+                    choice = np.full(len(active), forced[name], dtype=np.int64)
+                else:
+                    gate = step["gate"]
+                    gouts = self._run(gate["piece"], name + ".gate", feed(gate["inputs"], name),
+                                      active, traces)
+                    choice = np.asarray(gouts[gate["decision"]]).reshape(-1).astype(np.int64)
+                    if choice.shape[0] != len(active) or choice.min() < 0 or \
+                            choice.max() >= len(branches):
+                        raise BundleError(f"gate of {name!r} returned branch indices {choice} "
+                                          f"outside 0..{len(branches) - 1}")
+                for row, c in zip(active, choice):
+                    traces[row].branches[name] = branches[int(c)]["name"]
+                uniq = np.unique(choice)
+                if len(uniq) == 1:
+                    outs = self._run(branches[int(uniq[0])]["piece"], name, feeds, active, traces)
+                else:
+                    outs = {}
+                    for b in uniq:
+                        sel = np.nonzero(choice == b)[0]
+                        sub = {k: v[sel] for k, v in feeds.items()}
+                        part = self._run(branches[int(b)]["piece"], name, sub, active[sel], traces)
+                        for k, v in part.items():
+                            if k not in outs:
+                                outs[k] = np.empty((len(active),) + v.shape[1:], dtype=v.dtype)
+                            outs[k][sel] = v
+                store(step["outputs"], outs)
+            elif op == "exit":
+                scores = values[step["scores"]]
+                if exit_at is not None:
+                    done = np.full(len(active), exit_at == name)
+                else:
+                    thresholds = step.get("thresholds", {})
+                    key = budget if budget is not None else "default"
+                    if budget is not None and key not in thresholds:
+                        raise InputError(f"exit {name!r} has no thresholds for budget {budget!r}; "
+                                         f"it has {', '.join(sorted(thresholds)) or 'none'} "
+                                         "(run 'adaedge calibrate exits')")
+                    if key not in thresholds:
+                        continue
+                    measure = exit_measure(scores, step["criterion"])
+                    thr = float(thresholds[key])
+                    done = measure <= thr if step["criterion"] == "entropy" else measure >= thr
+                if done.any():
+                    for row, s in zip(active[done], scores[done]):
+                        results[row] = s
+                        traces[row].exit = name
+                    keep = ~done
+                    active = active[keep]
+                    values = {k: v[keep] for k, v in values.items()}
+            elif op == "carry":
+                new_state[step["state"]][active] = values[step["value"]]
+        if len(active):
+            final = values.get(m.output)
+            if final is None:
+                raise BundleError(f"program never writes its output value {m.output!r}")
+            for row, s in zip(active, final):
+                results[row] = s
+        scores_out = np.stack([r for r in results if r is not None])
+        return Result(scores=scores_out, traces=traces, values=kept, state=new_state)
+
+
+class Stream:
+    """A batch of streams with carried state: each ``step(clips)`` continues from the last one."""
+
+    def __init__(self, runtime: Runtime, batch: int = 1) -> None:
+        self.runtime = runtime
+        self.batch = batch
+        self.state = runtime.initial_state(batch)
+
+    def reset(self) -> None:
+        self.state = self.runtime.initial_state(self.batch)
+
+    def step(self, clips: Any, **kwargs: Any) -> Result:
+        result = self.runtime.classify(clips, state=self.state, **kwargs)
+        self.state = result.state
+        return result
+
+
+def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxruntime",
+         progress: Progress = None, **options: Any) -> Runtime:
+    """Open a bundle on a backend (``"onnxruntime"`` by default; options go to the backend)."""
+    from ..bundle import load as load_bundle
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    be = create_backend(backend, **options) if isinstance(backend, str) else backend
+    return Runtime(b, be, progress)
+
+
+def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
+          progress: Progress = None, **options: Any) -> Path:
+    """Prepare the backend's engines into the bundle's cache; returns the cache folder."""
+    from ..bundle import load as load_bundle
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    return create_backend(backend, **options).build(b, progress)
+
+
+__all__ = ["Runtime", "Stream", "Result", "Trace", "InputError", "load", "build", "exit_measure"]
