@@ -2,10 +2,12 @@
 
 Each branch piece is the whole unit for that branch, with the batch norm folded into the weights:
 
-    Conv(x, W[:C] * s, b)                          the computed filters, temporal stride * R
-    -> Conv_dw(., Phi^c) ; Concat                  channel fill, when r < 1
-    -> Conv_dw(., Phi^t) ; interleave frames       temporal fill, when R > 1
-    -> Add(., identity) -> Relu                    as the unit has them
+    Conv(x, W[:C] * s, b) [-> Relu]                the computed filters, temporal stride * R
+    -> Conv_dw(., Phi^c) [-> Relu] ; Concat        channel fill, when r < 1
+    -> Conv_dw(., Phi^t) [-> Relu] ; interleave    temporal fill, when R > 1 (and a frame needs it)
+    -> Add(., identity) -> Relu                    for the unit that closes a residual block
+
+Convolutions are written in the form ONNX Runtime runs fastest (:func:`conv_nd`).
 
 ``execution="masked"`` writes what the papers' code runs instead: the full convolution, then the
 slice the branch keeps, then the fills. It exists to measure how much the static pieces win.
@@ -93,6 +95,41 @@ def _bn_fold(conv: DynamicConv3d) -> Tuple[np.ndarray, np.ndarray]:
     return scale, _np(bn.bias) - _np(bn.running_mean) * scale
 
 
+def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: np.ndarray,
+            stride: Tuple[int, int, int], pads: Tuple[int, int, int], group: int = 1) -> Tuple[str, Tuple[int, ...]]:
+    """A 3D convolution over NCTHW, written in the form ONNX Runtime runs fastest; exact either way.
+
+    * temporal-only kernels (kt x 1 x 1, no spatial stride) run as a 2D (kt, 1) convolution over
+      the free reshape (N, C, T, H*W);
+    * depthwise 1 x k x k kernels with channel multiplier 1 and no stride run as a 2D depthwise
+      convolution over the free reshape (N, C*T, H, W), each channel's kernel repeated T times;
+    * anything else stays a 3D convolution.
+
+    ``shape`` is the per-clip input shape (C, T, H, W); returns the output value and its shape.
+    """
+    c, t, h, w = shape
+    out_ch, _, kt, kh, kw = weight.shape
+    pt, ph, pw = pads
+    to = (t + 2 * pt - kt) // stride[0] + 1
+    ho = (h + 2 * ph - kh) // stride[1] + 1
+    wo = (w + 2 * pw - kw) // stride[2] + 1
+    out_shape = (out_ch, to, ho, wo)
+    if group == 1 and kh == kw == 1 and ph == pw == 0 and stride[1:] == (1, 1):
+        x4 = g.op("Reshape", x, g.const([0, c, t, h * w], "shape", "int64"))
+        y = g.op("Conv", x4, g.const(weight[:, :, :, :, 0], "w"), g.const(bias, "b"),
+                 kernel_shape=[kt, 1], strides=[stride[0], 1], pads=[pt, 0, pt, 0])
+        return g.op("Reshape", y, g.const([0, *out_shape], "shape", "int64")), out_shape
+    if group == c == out_ch and kt == 1 and pt == 0 and stride == (1, 1, 1):
+        x4 = g.op("Reshape", x, g.const([0, c * t, h, w], "shape", "int64"))
+        y = g.op("Conv", x4, g.const(np.repeat(weight[:, :, 0], t, axis=0), "w"),
+                 g.const(np.repeat(bias, t), "b"), kernel_shape=[kh, kw], pads=[ph, pw, ph, pw],
+                 group=c * t)
+        return g.op("Reshape", y, g.const([0, *out_shape], "shape", "int64")), out_shape
+    y = g.op("Conv", x, g.const(weight, "w"), g.const(bias, "b"), kernel_shape=[kt, kh, kw],
+             strides=list(stride), pads=[pt, ph, pw, pt, ph, pw], group=group)
+    return y, out_shape
+
+
 def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> onnx.ModelProto:
     """The static graph of one branch of one unit (batch norm folded)."""
     unit, conv = plan.unit, plan.unit.conv
@@ -104,34 +141,36 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
     out_ch, frames_out = conv.out_channels, plan.out_shape[1]
     computed = out_ch // 2 ** branch.c
     r = branch.temporal_factor
-    kt, kh, kw = conv.kernel_size
-    pt, ph, pw = conv.padding
-    pads = [pt, ph, pw, pt, ph, pw]
     st, sh, sw = conv.stride
+
+    def act(v: str) -> str:
+        return g.op("Relu", v) if conv.activation else v
+
     if execution == "dynamic":
-        y = g.op("Conv", x, g.const(weight[:computed], "w"), g.const(shift[:computed], "b"),
-                 kernel_shape=[kt, kh, kw], strides=[st * r, sh, sw], pads=pads)
+        y, shape = conv_nd(g, x, plan.in_shape, weight[:computed], shift[:computed],
+                           (st * r, sh, sw), conv.padding)
     elif execution == "masked":  # the papers' execution: compute everything, keep the branch's part
-        y = g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"),
-                 kernel_shape=[kt, kh, kw], strides=[st, sh, sw], pads=pads)
+        y, shape = conv_nd(g, x, plan.in_shape, weight, shift, conv.stride, conv.padding)
         if computed < out_ch or r > 1:
             y = g.op("Slice", y, g.const([0, 0], "starts", "int64"),
                      g.const([computed, frames_out], "ends", "int64"),
                      g.const([1, 2], "axes", "int64"), g.const([1, r], "steps", "int64"))
+            shape = (computed, -(-frames_out // r), *shape[2:])
     else:
         raise ValueError(f"execution must be 'dynamic' or 'masked', not {execution!r}")
-    dw_pads = [0, 1, 1, 0, 1, 1]
+    y = act(y)
     if branch.c:
         fill = conv.channel_fill[branch.c - 1]
-        f = g.op("Conv", y, g.const(_np(fill.weight), "wc"), g.const(_np(fill.bias), "bc"),
-                 kernel_shape=[1, 3, 3], pads=dw_pads, group=computed)
-        y = g.op("Concat", y, f, axis=1)
-    if branch.t:
+        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(fill.bias), (1, 1, 1), (0, 1, 1),
+                       group=computed)
+        y = g.op("Concat", y, act(f), axis=1)
+        shape = (out_ch, *shape[1:])
+    computed_frames = shape[1]
+    if branch.t and frames_out > computed_frames:
         fill = conv.temporal_fill[branch.t - 1]
-        computed_frames = -(-frames_out // r)
-        h, w = plan.out_shape[2], plan.out_shape[3]
-        f = g.op("Conv", y, g.const(_np(fill.weight), "wt"), g.const(_np(fill.bias), "bt"),
-                 kernel_shape=[1, 3, 3], pads=dw_pads, group=out_ch)
+        h, w = shape[2], shape[3]
+        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(fill.bias), (1, 1, 1), (0, 1, 1),
+                       group=out_ch)
         y6 = g.op("Reshape", y, g.const([0, out_ch, computed_frames, 1, h, w], "shape", "int64"))
         if r == 2:
             f6 = g.op("Reshape", f, g.const([0, out_ch, computed_frames, 1, h, w], "shape",
@@ -145,10 +184,14 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
         if computed_frames * r != frames_out:
             y = g.op("Slice", y, g.const([0], "starts", "int64"),
                      g.const([frames_out], "ends", "int64"), g.const([2], "axes", "int64"))
+        # The fill's ReLU comes after the interleave (ReLU leaves the computed, already activated
+        # frames as they are), so that the piece ends in an op writing its output: a Reshape at
+        # the end would be a full copy into the graph output.
+        y = act(y)
     if identity is not None:
         y = g.op("Add", y, identity)
-    if unit.relu:
-        y = g.op("Relu", y)
+        if unit.relu:
+            y = g.op("Relu", y)
     g.output(y, "y")
     return g.model()
 

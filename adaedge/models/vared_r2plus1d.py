@@ -24,23 +24,27 @@ def _round_channels(c: float, step: int) -> int:
 
 
 class DynamicUnit(nn.Module):
-    """One dynamic layer (convolution + batch norm), then an optional shortcut add and ReLU.
+    """One dynamic layer (convolution + batch norm [+ ReLU]), or one with a shortcut add and ReLU.
 
-    This is the unit the exporter turns into one static piece per branch.
+    Without a shortcut the ReLU belongs to the layer (GhostNet's order: the cheap operations read the
+    activated maps); with a shortcut it follows the add. This is the unit the exporter turns into
+    one static piece per branch.
     """
 
     def __init__(self, conv: DynamicConv3d, relu: bool = True, residual: bool = False) -> None:
         super().__init__()
+        conv.activation = relu and not residual
         self.conv = conv
         self.relu = relu
         self.residual = residual
 
     def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.conv(x)
-        if self.residual:
-            if identity is None:
-                raise ValueError("this unit adds a shortcut: pass identity")
-            y = y + identity
+        if not self.residual:
+            return y
+        if identity is None:
+            raise ValueError("this unit adds a shortcut: pass identity")
+        y = y + identity
         return torch.relu(y) if self.relu else y
 
 

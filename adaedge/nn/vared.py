@@ -14,9 +14,11 @@ full convolution (a slice) and a cheap depthwise operation fills the rest, Y = [
 Every branch returns the shape of the full convolution.
 
 Following GhostNet (Han et al., CVPR 2020), the cheap operations act on the *normalised* computed
-maps: the layer's batch norm is applied to the computed filters (sliced for a channel branch) and
-each cheap operation is a depthwise 3x3 convolution with its own bias. This keeps every branch an
-exact composition of convolutions, so the exporter folds each branch into one static graph.
+maps: the layer's batch norm is applied to the computed filters (sliced for a channel branch), then
+the layer's activation when it has one (``activation=True``: primary conv -> BN -> ReLU -> cheap
+operation -> ReLU, GhostNet's order), and each cheap operation is a depthwise 3x3 convolution with
+its own bias. Every branch is thus an exact composition of convolutions and ReLUs, which the
+exporter folds into one static graph per branch.
 
 Training mixes the branches weighted by the gate (poster, Y = sum_j V_t[j] sum_i V_c[i] f(X; R_j,
 r_i)); evaluation takes the single branch the gate picks (arg-max of each policy), per clip.
@@ -112,7 +114,7 @@ class DynamicConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
                  stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
                  search_space: int = 2, gate_hidden: Optional[int] = None,
-                 gate_full_bias: float = 0.5) -> None:
+                 gate_full_bias: float = 0.5, activation: bool = False) -> None:
         super().__init__()
         if search_space < 1:
             raise ValueError("search_space must be at least 1")
@@ -125,6 +127,7 @@ class DynamicConv3d(nn.Module):
         self.stride = _triple(stride)
         self.padding = _triple(padding)
         self.search_space = search_space
+        self.activation = activation
         self.conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, self.stride,
                               self.padding, bias=False)
         self.bn = nn.BatchNorm3d(out_channels)
@@ -177,12 +180,14 @@ class DynamicConv3d(nn.Module):
                          bn.running_var[:computed] if bn.running_var is not None else None,
                          bn.weight[:computed], bn.bias[:computed],
                          self.training or not bn.track_running_stats, bn.momentum or 0.0, bn.eps)
+        act = torch.relu if self.activation else (lambda t: t)
+        y = act(y)
         if branch.c:
-            y = torch.cat([y, self.channel_fill[branch.c - 1](y)], dim=1)
-        if branch.t:
-            frames_out = self.output_frames(x.shape[2])
+            y = torch.cat([y, act(self.channel_fill[branch.c - 1](y))], dim=1)
+        frames_out = self.output_frames(x.shape[2])
+        if branch.t and frames_out > y.shape[2]:
             n, ch, tc, h, w = y.shape
-            filled = self.temporal_fill[branch.t - 1](y).view(n, ch, r - 1, tc, h, w)
+            filled = act(self.temporal_fill[branch.t - 1](y)).view(n, ch, r - 1, tc, h, w)
             y = torch.cat([y.unsqueeze(2), filled], dim=2)          # (n, ch, r, tc, h, w)
             y = y.transpose(2, 3).reshape(n, ch, tc * r, h, w)[:, :, :frames_out]
         return y

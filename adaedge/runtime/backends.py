@@ -93,6 +93,9 @@ class OnnxRuntimeBackend:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # Many small sessions run one after another: a spinning pool would steal the cores from
+        # the next session's threads (measured: 4x slower on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if save_to is not None:
