@@ -197,7 +197,8 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
 
 
 def gate_graph(plan: UnitPlan) -> onnx.ModelProto:
-    """The gate: scores = max(tanh(FC2(ReLU(BN(FC1(GAP(x))))) + beta), 0) and the branch index."""
+    """The gate: scores = max(tanh(z), 0), z = FC2(ReLU(BN(FC1(GAP(x))))) + beta, and the branch
+    index from the arg-max of z per policy."""
     gate = plan.unit.conv.gate
     g = Graph(f"{plan.name}.gate")
     x = g.input("x", ["N", *plan.in_shape])
@@ -213,8 +214,8 @@ def gate_graph(plan: UnitPlan) -> onnx.ModelProto:
     scores = g.op("Max", g.op("Tanh", z), g.const(np.zeros((), np.float32), "zero"))
     st, sc = gate.temporal_choices, gate.channel_choices
 
-    def argmax(start: int, stop: int) -> str:
-        part = g.op("Slice", scores, g.const([start], "s", "int64"), g.const([stop], "e", "int64"),
+    def argmax(start: int, stop: int) -> str:  # on the logits: see SoftModulationGate.decide
+        part = g.op("Slice", z, g.const([start], "s", "int64"), g.const([stop], "e", "int64"),
                     g.const([1], "a", "int64"))
         return g.op("ArgMax", part, axis=1, keepdims=0)
 

@@ -20,7 +20,7 @@ from ..nn.vared import DynamicConv3d, efficiency_loss
 
 
 def _round_channels(c: float, step: int) -> int:
-    return max(step, int(round(c / step)) * step)
+    return max(step, int(c / step + 0.5) * step)  # half up: 45 -> 46 at step 2
 
 
 class DynamicUnit(nn.Module):

@@ -87,15 +87,27 @@ class SoftModulationGate(nn.Module):
         beta[temporal_choices] = full_bias    # channel: all filters preferred at start
         self.beta = nn.Parameter(beta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.mean(dim=(2, 3, 4))
-        z = F.relu(self.bn(self.fc1(z)))
-        return torch.clamp(torch.tanh(self.fc2(z) + self.beta), min=0.0)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """z = FC2(ReLU(BN(FC1(GAP(x))))) + beta, before the squashing."""
+        z = F.relu(self.bn(self.fc1(x.mean(dim=(2, 3, 4)))))
+        return self.fc2(z) + self.beta
 
-    def decide(self, scores: torch.Tensor) -> torch.Tensor:
-        """Branch index per clip: argmax of the temporal scores * S_c + argmax of the channel scores."""
-        t = scores[:, : self.temporal_choices].argmax(dim=1)
-        c = scores[:, self.temporal_choices:].argmax(dim=1)
+    @staticmethod
+    def squash(logits: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.tanh(logits), min=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.squash(self.logits(x))
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Branch index per clip: t * S_c + c, t and c the arg-max of each policy's scores.
+
+        Scores p = max(tanh(z), 0) tie where tanh saturates (exactly 1.0 in float32) or clamps to
+        0; ties are broken by the logits z, which p orders the same way elsewhere. So the choice is
+        the arg-max of z: one rule every backend computes alike, whatever its tanh rounds to.
+        """
+        t = logits[:, : self.temporal_choices].argmax(dim=1)
+        c = logits[:, self.temporal_choices:].argmax(dim=1)
         return t * self.channel_choices + c
 
 
@@ -179,7 +191,7 @@ class DynamicConv3d(nn.Module):
         y = F.batch_norm(y, bn.running_mean[:computed] if bn.running_mean is not None else None,
                          bn.running_var[:computed] if bn.running_var is not None else None,
                          bn.weight[:computed], bn.bias[:computed],
-                         self.training or not bn.track_running_stats, bn.momentum or 0.0, bn.eps)
+                         bn.training or not bn.track_running_stats, bn.momentum or 0.0, bn.eps)
         act = torch.relu if self.activation else (lambda t: t)
         y = act(y)
         if branch.c:
@@ -193,7 +205,8 @@ class DynamicConv3d(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.gate(x)
+        logits = self.gate.logits(x)
+        scores = self.gate.squash(logits)
         self.last_scores = scores
         if self.training and self.force is None:
             s = self.search_space
@@ -208,7 +221,7 @@ class DynamicConv3d(nn.Module):
         if self.force is not None:
             choice = torch.full((x.shape[0],), int(self.force), dtype=torch.long, device=x.device)
         else:
-            choice = self.gate.decide(scores)
+            choice = self.gate.decide(logits)
         self.last_branch = choice
         return self.dispatch(x, choice)
 
@@ -238,11 +251,15 @@ class DynamicConv3d(nn.Module):
         if self.last_scores is None:
             raise RuntimeError("run a forward pass first")
         s = self.search_space
-        vt, vc = self.last_scores[:, :s], self.last_scores[:, s:]
-        powers = 0.5 ** torch.arange(s, dtype=vt.dtype, device=vt.device)
-        inv_r = (vt * powers).sum(1) / vt.sum(1).clamp_min(1e-6)
-        ratio = (vc * powers).sum(1) / vc.sum(1).clamp_min(1e-6)
-        return ratio * inv_r
+        powers = 0.5 ** torch.arange(s, dtype=self.last_scores.dtype, device=self.last_scores.device)
+
+        def expected(v: torch.Tensor) -> torch.Tensor:
+            # All scores zero: evaluation's arg-max takes branch 0 (the full one), so count that.
+            total = v.sum(1)
+            return torch.where(total > 0, (v * powers).sum(1) / total.clamp_min(1e-12),
+                               torch.ones_like(total))
+
+        return expected(self.last_scores[:, s:]) * expected(self.last_scores[:, :s])
 
 
 def efficiency_loss(layers: Sequence[DynamicConv3d], costs: Sequence[float],

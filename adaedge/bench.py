@@ -1,0 +1,185 @@
+"""Latency of a bundle's policies against its static network, measured in one process, interleaved.
+
+Configurations (names as ``adaedge bench --json`` prints them):
+
+* ``static``: every gate forced to its full branch, no gates run: the static network;
+* ``all-half``, ``all-stride2``, ``cheapest``: the bundle's forced policies of those names;
+* ``free``: the gates choose.
+
+Each repetition runs every configuration once, in a shuffled order, on the same clips, so that
+drifts of a noisy machine fall on all of them alike. Realisation is the share of the FLOP saving
+that became time: ``(1 - t_policy / t_static) / (1 - F_policy / F_static)`` (``None`` when the
+policy saves no FLOPs).
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .runtime.program import Force, Runtime
+
+Progress = Optional[Callable[[int, int, str], None]]
+DEFAULT_CONFIGS = ("static", "all-half", "all-stride2", "cheapest", "free")
+
+
+@dataclass
+class Config:
+    """One thing to time: a runtime and the policy it runs under."""
+
+    name: str
+    runtime: Runtime
+    force: Force = None
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    gflops: float
+    median_ms: float
+    p90_ms: float
+    clips_per_s: float
+    realization: Optional[float] = None
+    samples_ms: List[float] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "gflops": round(self.gflops, 4),
+                "median_ms": round(self.median_ms, 3), "p90_ms": round(self.p90_ms, 3),
+                "clips_per_s": round(self.clips_per_s, 3),
+                "realization": None if self.realization is None else round(self.realization, 3)}
+
+
+@dataclass
+class BenchReport:
+    batch: int
+    reps: int
+    configs: List[ConfigResult]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"configs": [c.to_json() for c in self.configs], "batch": self.batch,
+                "reps": self.reps, "meta": self.meta}
+
+    def get(self, name: str) -> ConfigResult:
+        for c in self.configs:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def realization(t_policy: float, t_static: float, f_policy: float, f_static: float) -> Optional[float]:
+    saved = 1.0 - f_policy / f_static
+    if saved <= 1e-9:
+        return None
+    return (1.0 - t_policy / t_static) / saved
+
+
+def standard_configs(runtime: Runtime, names: Sequence[str] = DEFAULT_CONFIGS) -> List[Config]:
+    """The named configurations a bundle supports (policies it lacks are skipped, static first)."""
+    out = []
+    for name in names:
+        if name == "free":
+            out.append(Config("free", runtime, None))
+        elif name in runtime.manifest.policies:
+            out.append(Config(name, runtime, name))
+    return out
+
+
+def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, warmup: int = 2,
+                seed: int = 0, reference: str = "static", progress: Progress = None) -> BenchReport:
+    """Time each configuration ``reps`` times, interleaved; realisation against ``reference``."""
+    if not configs:
+        raise ValueError("nothing to benchmark")
+    if reps < 1 or warmup < 0:
+        raise ValueError("reps must be >= 1 and warmup >= 0")
+    batch = int(clips.shape[0])
+    order = list(range(len(configs)))
+    rng = random.Random(seed)
+    times: Dict[int, List[float]] = {i: [] for i in order}
+    flops: Dict[int, float] = {}
+    total = (warmup + reps) * len(configs)
+    done = 0
+    for rep in range(warmup + reps):
+        rng.shuffle(order)
+        for i in order:
+            cfg = configs[i]
+            t0 = time.perf_counter()
+            result = cfg.runtime.classify(clips, force=cfg.force)
+            elapsed = time.perf_counter() - t0
+            if rep >= warmup:
+                times[i].append(elapsed)
+            flops[i] = float(np.mean([t.flops for t in result.traces]))
+            done += 1
+            if progress:
+                progress(done, total, cfg.name)
+    results = []
+    for i, cfg in enumerate(configs):
+        per_clip = np.asarray(times[i]) * 1e3 / batch
+        med = float(np.median(per_clip))
+        results.append(ConfigResult(cfg.name, flops[i] / 1e9, med,
+                                    float(np.percentile(per_clip, 90)), 1e3 / med,
+                                    samples_ms=[float(v) for v in per_clip]))
+    ref = next((r for r in results if r.name == reference), None)
+    if ref is not None:
+        for r in results:
+            if r is not ref:
+                r.realization = realization(r.median_ms, ref.median_ms, r.gflops, ref.gflops)
+    return BenchReport(batch, reps, results, meta=machine_info())
+
+
+def machine_info() -> Dict[str, Any]:
+    info: Dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal([batch] + runtime.manifest.clip_shape).astype(np.float32)
+
+
+def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
+          configs: Sequence[str] = DEFAULT_CONFIGS, seed: int = 0,
+          clips: Optional[np.ndarray] = None, progress: Progress = None) -> BenchReport:
+    """Benchmark a runtime's standard configurations (see the module docstring)."""
+    x = clips if clips is not None else random_clips(runtime, batch, seed)
+    report = run_configs(standard_configs(runtime, configs), runtime.check_clips(x), reps, warmup,
+                         seed, progress=progress)
+    report.meta["backend"] = runtime.backend.name
+    return report
+
+
+def format_table(report: BenchReport) -> str:
+    lines = [f"batch {report.batch}, {report.reps} interleaved repetitions, per clip:",
+             f"{'config':<22}{'GFLOPs':>9}{'median ms':>11}{'p90 ms':>9}{'clips/s':>9}"
+             f"{'realisation':>13}"]
+    for c in report.configs:
+        real = "-" if c.realization is None else f"{c.realization:.2f}"
+        lines.append(f"{c.name:<22}{c.gflops:>9.3f}{c.median_ms:>11.2f}{c.p90_ms:>9.2f}"
+                     f"{c.clips_per_s:>9.2f}{real:>13}")
+    return "\n".join(lines)
+
+
+__all__ = ["bench", "run_configs", "Config", "ConfigResult", "BenchReport", "realization",
+           "standard_configs", "format_table", "random_clips", "DEFAULT_CONFIGS"]

@@ -1,0 +1,284 @@
+"""The ``adaedge`` command line: subcommands mirror the Python API.
+
+    adaedge models                                   list the registered models
+    adaedge export MODEL --checkpoint CKPT --out DIR cut a checkpoint into a bundle
+    adaedge build DIR [--backend onnxruntime]        prepare the backend's engines in the bundle
+    adaedge info DIR                                 what a bundle holds
+    adaedge verify DIR [--checkpoint CKPT]           compare the bundle with the PyTorch reference
+    adaedge bench DIR [--batch N] [--json]           latency of each policy against the static net
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import __version__
+
+
+class ProgressBar:
+    """A one-line progress display on stderr (silent when stderr is not a terminal and quiet)."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self._last = -1.0
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        final = done >= total
+        if not final and now - self._last < (0.1 if self.tty else 2.0):
+            return
+        self._last = now
+        width = 24
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        msg = f"{self.label} [{bar}] {done}/{total} {what[:40]:<40} {now - self.start:6.1f}s"
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if final else ""))
+        else:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+
+
+def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"adaedge: error: --config takes KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+    for name in models.available():
+        print(f"{name}  (family: {models.family(name)})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models
+    from .bundle import sha256_file
+    from .export import export
+
+    config = _parse_config(args.config)
+    if args.checkpoint is None and not args.random_weights:
+        raise UsageError("give --checkpoint CKPT, or --random-weights to export untrained "
+                         "random weights (for testing only)")
+    if args.checkpoint is not None and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other")
+    labels: Optional[List[str]] = None
+    if args.checkpoint is not None:
+        model = models.load_model(args.checkpoint, name=args.model, **config)
+        _, meta = models.read_checkpoint(args.checkpoint)
+        if isinstance(meta.get("labels"), list):
+            labels = [str(x) for x in meta["labels"]]
+        weights = {"source": "checkpoint", "file": os.path.basename(args.checkpoint),
+                   "sha256": sha256_file(args.checkpoint)}
+    else:
+        torch.manual_seed(args.seed)
+        model = models.create(args.model, **config)
+        weights = {"source": "random", "seed": args.seed}
+    manifest = export(model, args.out, frames=args.frames, size=args.size,
+                      execution=args.execution, labels=labels, weights=weights,
+                      overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet))
+    total = len(manifest.pieces)
+    static = sum(manifest.pieces[s["branches"][0]["piece"]].flops for s in manifest.switches())
+    print(f"wrote {args.out}: {total} pieces, {len(manifest.switches())} gates, "
+          f"static network {static / 1e9:.3f} GFLOPs per clip "
+          f"({manifest.input['frames']}x{manifest.input['size'][0]}x{manifest.input['size'][1]})")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .runtime import build
+    options = {"threads": args.threads} if args.threads else {}
+    folder = build(args.bundle, args.backend, progress=ProgressBar("build", not args.quiet),
+                   **options)
+    print(f"engines for {args.backend} in {folder}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundle import load
+    b = load(args.bundle)
+    m = b.manifest
+    if args.json:
+        print(json.dumps(m.to_json(), indent=1))
+        return 0
+    spec = m.input
+    print(f"model     {m.model['name']} ({m.model.get('family')}), execution "
+          f"{m.model.get('execution', '?')}, weights {m.model.get('weights', {}).get('source')}")
+    print(f"input     {spec['name']}: N x {' x '.join(map(str, m.clip_shape))} ({spec['layout']}),"
+          f" mean {spec['mean']}, std {spec['std']}")
+    labels = spec.get("labels")
+    print(f"labels    {len(labels)}: {', '.join(labels[:10])}{' …' if len(labels) > 10 else ''}"
+          if labels else "labels    none")
+    print(f"pieces    {len(m.pieces)}; program: {len(m.program)} steps, {len(m.switches())} gates")
+    print(f"policies  {', '.join(sorted(m.policies)) or 'none'}")
+    for name, table in sorted(m.policies.items()):
+        flops = 0
+        for step in m.program:
+            if step["op"] == "run":
+                flops += m.pieces[step["piece"]].flops
+            elif step["op"] == "switch":
+                flops += m.pieces[step["branches"][table.get(step["name"], 0)]["piece"]].flops
+        print(f"  {name:<12} {flops / 1e9:.4f} GFLOPs per clip")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+    report = verify(args.bundle, args.checkpoint, clips=args.clips, seed=args.seed,
+                    rtol=args.rtol, backend=args.backend,
+                    progress=ProgressBar("verify", not (args.quiet or args.json)))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(f"tolerance: max |runtime - reference| <= {report.rtol:g} x max |reference|, "
+              f"per value, {report.clips} random clips")
+        for c in report.cases:
+            status = "ok  " if c.ok else "FAIL"
+            print(f"{status} {c.name:<48} max relative error {c.max_rel_error:.2e}")
+            if c.problem:
+                print(f"     {c.problem}")
+        print("verified" if report.ok else "MISMATCH")
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, format_table
+    from .runtime import load
+    options = {"threads": args.threads} if args.threads else {}
+    runtime = load(args.bundle, args.backend, **options)
+    report = bench(runtime, batch=args.batch, reps=args.reps, warmup=args.warmup,
+                   seed=args.seed, progress=ProgressBar("bench", not (args.quiet or args.json)))
+    report.meta["threads"] = getattr(runtime.backend, "threads", None)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_table(report))
+    return 0
+
+
+class UsageError(Exception):
+    pass
+
+
+def _known_errors() -> tuple:
+    from .bundle import BundleError
+    from .runtime.backends import BackendUnavailable
+    from .runtime.program import InputError
+    errors: List[type] = [BundleError, BackendUnavailable, InputError, UsageError, FileNotFoundError]
+    try:
+        from .export import ExportError
+        from .models import CheckpointError
+        errors += [ExportError, CheckpointError]
+    except ImportError:  # torch is not installed: only the runtime side is usable
+        pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adaedge",
+        description="Deploy input-adaptive video networks as static ONNX pieces with a runtime "
+                    "that picks the branch each clip needs.",
+        epilog="Typical use: adaedge export vared_r2plus1d_18 --checkpoint ckpt.pt --out b/ && "
+               "adaedge build b/ && adaedge verify b/ --checkpoint ckpt.pt && adaedge bench b/")
+    p.add_argument("--version", action="version", version=f"adaedge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+        return sp
+
+    add("models", cmd_models, "list the registered models")
+
+    sp = add("export", cmd_export, "cut a trained checkpoint into a bundle of static ONNX pieces")
+    sp.add_argument("model", help="registered model name (see 'adaedge models')")
+    sp.add_argument("--checkpoint", help="checkpoint file (loaded with weights_only=True)")
+    sp.add_argument("--random-weights", action="store_true",
+                    help="export untrained random weights instead of a checkpoint (testing only)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    sp.add_argument("--out", required=True, help="bundle folder to write")
+    sp.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    sp.add_argument("--size", type=int, help="height = width of a clip (default: the model's)")
+    sp.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override, value as JSON (e.g. width_mult=0.25)")
+    sp.add_argument("--execution", choices=["dynamic", "masked"], default="dynamic",
+                    help="'masked' computes every filter and frame then keeps the branch's part, "
+                         "as the papers' code does (for comparison only)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+
+    sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache")
+    sp.add_argument("bundle")
+    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+
+    sp = add("info", cmd_info, "show what a bundle holds")
+    sp.add_argument("bundle")
+    sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    sp = add("verify", cmd_verify, "compare the bundle on a backend with the PyTorch reference: "
+             "free gates, then every branch forced at every gate; exits 1 on a mismatch")
+    sp.add_argument("bundle")
+    sp.add_argument("--checkpoint", help="the checkpoint the bundle was exported from "
+                                         "(not needed for --random-weights bundles)")
+    sp.add_argument("--clips", type=int, default=2, help="random clips per case (default 2)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--rtol", type=float, default=1e-4,
+                    help="tolerance relative to each value's largest magnitude (default 1e-4)")
+    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    sp = add("bench", cmd_bench, "time the static network, all-half, all-stride2, cheapest and "
+             "free gates, interleaved in one process; realisation = share of the FLOP saving "
+             "that became time")
+    sp.add_argument("bundle")
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    sp.add_argument("--json", action="store_true",
+                    help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
+                         '"clips_per_s", "realization"}], ...}')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch", 1) is not None and getattr(args, "batch", 1) < 1:
+        parser.error("--batch must be at least 1")
+    try:
+        return int(args.func(args))
+    except _known_errors() as e:
+        print(f"adaedge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # unknown model names and the like carry their message
+        print(f"adaedge: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

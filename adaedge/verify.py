@@ -1,0 +1,174 @@
+"""Compare a bundle running on a backend with the PyTorch reference it was exported from.
+
+Cases: free gates, then every branch forced at every gate in turn (branch 0 everywhere, branch 1
+everywhere, ...), so every piece of the bundle runs. Each program value (the output of every unit)
+is compared in program order; the first that differs names the piece that produced it. With free
+gates the branch each gate chose must match too.
+
+Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import models
+from .bundle import Bundle, BundleError
+from .bundle import load as load_bundle
+from .runtime import Runtime
+from .runtime import load as load_runtime
+
+RTOL = 1e-4
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+@dataclass
+class CaseResult:
+    name: str
+    ok: bool
+    max_rel_error: float
+    problem: Optional[str] = None   # the first value or decision that differs, naming its piece
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "max_rel_error": self.max_rel_error,
+                "problem": self.problem}
+
+
+@dataclass
+class Report:
+    bundle: str
+    rtol: float
+    clips: int
+    cases: List[CaseResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.cases)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"bundle": self.bundle, "rtol": self.rtol, "clips": self.clips, "ok": self.ok,
+                "cases": [c.to_json() for c in self.cases]}
+
+
+def reference_model(bundle: Bundle, checkpoint: Optional[Union[str, Path]] = None) -> torch.nn.Module:
+    """The PyTorch model a bundle was exported from: its config, and the checkpoint's weights
+    (or, for a bundle exported with random weights, the same seed)."""
+    info = bundle.manifest.model
+    config = dict(info.get("config") or {})
+    weights = info.get("weights") or {}
+    if checkpoint is not None:
+        model = models.create(info["name"], **config)
+        models.load_checkpoint(model, checkpoint)
+    elif weights.get("source") == "random" and isinstance(weights.get("seed"), int):
+        torch.manual_seed(weights["seed"])
+        model = models.create(info["name"], **config)
+    else:
+        raise BundleError("this bundle was exported from a checkpoint: pass the checkpoint "
+                          "(--checkpoint) to verify against it")
+    return model.eval()
+
+
+def _capture(model: torch.nn.Module, names: List[str]) -> Tuple[Dict[str, torch.Tensor], list]:
+    """Hooks recording the output of each named module (program values are module names)."""
+    store: Dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+        if name in modules:
+            def hook(mod: torch.nn.Module, inp: Any, out: torch.Tensor, name: str = name) -> None:
+                store[name] = out.detach()
+            hooks.append(modules[name].register_forward_hook(hook))
+    return store, hooks
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    return float(np.abs(a.astype(np.float64) - b).max()) / max(scale, 1e-12) if b.size else 0.0
+
+
+def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
+            force: Optional[int], name: str, rtol: float = RTOL) -> CaseResult:
+    """Run one case on both sides and compare every program value in program order."""
+    manifest = runtime.manifest
+    value_names = [v for s in manifest.program if s["op"] in ("run", "switch")
+                   for v in s["outputs"].values()]
+    store, hooks = _capture(model, value_names)
+    try:
+        model.set_policy(force)  # type: ignore[operator]
+        with torch.no_grad():
+            logits = model(torch.from_numpy(clips))
+    finally:
+        model.set_policy(None)  # type: ignore[operator]
+        for h in hooks:
+            h.remove()
+    store[manifest.output] = logits.detach()
+    result = runtime.classify(clips, force=force, keep_values=True)
+    dyn = {n: m for n, m in model.named_modules() if hasattr(m, "last_branch")}
+    worst = 0.0
+    for step in manifest.program:
+        if step["op"] == "switch" and force is None:
+            unit = dyn.get(step["name"] + ".conv")
+            if unit is not None and unit.last_branch is not None:
+                want = [step["branches"][int(i)]["name"] for i in unit.last_branch.tolist()]
+                got = [t.branches.get(step["name"]) for t in result.traces]
+                if want != got:
+                    return CaseResult(name, False, worst,
+                                      f"gate piece {step['gate']['piece']!r} chose {got}, the "
+                                      f"reference chose {want}")
+        if step["op"] not in ("run", "switch"):
+            continue
+        for value in step["outputs"].values():
+            if value not in store:
+                continue
+            ref = store[value].numpy().astype(np.float64)
+            got_v = result.values.get(value)
+            if got_v is None or got_v.shape != ref.shape:
+                return CaseResult(name, False, worst, f"value {value!r} missing or of shape "
+                                  f"{None if got_v is None else got_v.shape}, expected {ref.shape}")
+            err = _rel(got_v, ref)
+            worst = max(worst, err)
+            if not err <= rtol:
+                if step["op"] == "switch":
+                    used = sorted({t.branches.get(step["name"], "?") for t in result.traces})
+                    pieces = [b["piece"] for b in step["branches"] if b["name"] in used]
+                else:
+                    pieces = [step["piece"]]
+                return CaseResult(name, False, worst,
+                                  f"value {value!r} from piece {', '.join(pieces)} differs: "
+                                  f"relative error {err:.3g} > {rtol:g}")
+    final = _rel(result.scores, store[manifest.output].numpy().astype(np.float64))
+    worst = max(worst, final)
+    if not final <= rtol:
+        return CaseResult(name, False, worst, f"scores differ: relative error {final:.3g}")
+    return CaseResult(name, True, worst)
+
+
+def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
+           clips: int = 2, seed: int = 0, rtol: float = RTOL, backend: str = "onnxruntime",
+           progress: Progress = None, **backend_options: Any) -> Report:
+    """Verify a bundle against its PyTorch reference; see the module docstring for the cases."""
+    b = load_bundle(bundle)
+    model = reference_model(b, checkpoint)
+    runtime = load_runtime(b, backend, **backend_options)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal([clips] + b.manifest.clip_shape).astype(np.float32)
+    switches = b.manifest.switches()
+    n_branches = max((len(s["branches"]) for s in switches), default=0)
+    cases: List[Tuple[str, Optional[int]]] = [("free gates", None)]
+    names = switches[0]["branches"] if switches else []
+    for i in range(n_branches):
+        cases.append((f"every gate forced to branch {i} ({names[i]['name'] if i < len(names) else i})",
+                      i))
+    report = Report(str(bundle), rtol, clips)
+    for k, (name, force) in enumerate(cases):
+        if progress:
+            progress(k, len(cases), name)
+        report.cases.append(compare(runtime, model, x, force, name, rtol))
+    if progress:
+        progress(len(cases), len(cases), "done")
+    return report

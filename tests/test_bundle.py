@@ -1,0 +1,134 @@
+"""A bundle is untrusted input: every way it can be wrong gives a clear error, and nothing runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from adaedge import bundle as bundle_mod
+from adaedge import runtime
+from adaedge.bundle import BundleError
+
+
+@pytest.fixture()
+def copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _edit(root, change):
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_folder_without_a_manifest_is_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="is not an adaedge bundle: it has no manifest.json"):
+        bundle_mod.load(tmp_path)
+    with pytest.raises(BundleError, match="is not a folder"):
+        bundle_mod.load(tmp_path / "missing")
+
+
+def test_a_manifest_that_is_not_json(copy):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="is not valid JSON"):
+        bundle_mod.load(copy)
+
+
+def test_a_foreign_manifest(copy):
+    _edit(copy, lambda d: d.update(format="somebody-elses-format"))
+    with pytest.raises(BundleError, match="not an adaedge bundle: manifest format"):
+        bundle_mod.load(copy)
+
+
+def test_an_unknown_schema_version_is_refused(copy):
+    _edit(copy, lambda d: d.update(schema_version=99))
+    with pytest.raises(BundleError, match="schema version 99 is not supported.*reads version 1"):
+        bundle_mod.load(copy)
+
+
+def test_a_missing_piece(copy):
+    os.remove(copy / "graphs" / "head.onnx")
+    with pytest.raises(BundleError, match="piece 'head' is missing its file graphs/head.onnx"):
+        runtime.load(copy)
+
+
+def test_a_corrupt_piece(copy):
+    path = copy / "graphs" / "stem_s.R1-r1.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"piece 'stem_s.R1-r1' .* is corrupt: SHA-256"):
+        runtime.load(copy)
+
+
+@pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd.onnx", "graphs/../../x.onnx",
+                                 "graphs\\..\\..\\x.onnx"])
+def test_paths_that_leave_the_bundle_are_refused(copy, bad):
+    _edit(copy, lambda d: d["pieces"]["head"].update(file=bad))
+    with pytest.raises(BundleError, match="absolute|leaves the bundle"):
+        runtime.load(copy)
+
+
+def test_a_link_that_leaves_the_bundle_is_refused(copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(copy / "graphs" / "head.onnx", outside)
+    os.symlink(outside, copy / "graphs" / "link.onnx")
+    _edit(copy, lambda d: d["pieces"]["head"].update(file="graphs/link.onnx"))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        runtime.load(copy)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["program"].append({"op": "teleport", "name": "x"}), "op 'teleport' is unknown"),
+    (lambda d: d["program"][0]["branches"][1].update(piece="nope"), "names piece 'nope'"),
+    (lambda d: d["program"][0]["branches"][1].update(piece="head"), "does not have the I/O names"),
+    (lambda d: d["program"][0]["gate"].update(decision="scores"), "must name an int64 output"),
+    (lambda d: d["program"][0]["inputs"].update(bogus="clip"), "names 'bogus'"),
+    (lambda d: d["policies"]["static"].update(nope=0), "unknown switch 'nope'"),
+    (lambda d: d["policies"]["static"].update(stem_s=9), "is not a branch index"),
+    (lambda d: d["input"].update(layout="NHWC"), "layout 'NHWC' is not supported"),
+    (lambda d: d["input"].update(std=[1, 0, 1]), "std must not hold zeros"),
+    (lambda d: d["input"].update(size=[32]), "input.size"),
+    (lambda d: d["pieces"]["head"].update(sha256="xyz"), "not a SHA-256"),
+    (lambda d: d["pieces"]["head"].update(flops=-1), "flops must not be negative"),
+    (lambda d: d["pieces"]["head"]["inputs"][0].update(dtype="complex128"), "dtype"),
+    (lambda d: d.pop("program"), "lacks 'program'"),
+    (lambda d: d.update(program=[]), "program is empty"),
+    (lambda d: d["program"].append({"op": "exit", "name": "e", "scores": "logits",
+                                    "criterion": "vibes"}), "criterion 'vibes'"),
+])
+def test_malformed_manifests_name_what_is_wrong(copy, change, message):
+    _edit(copy, change)
+    with pytest.raises(BundleError, match=message):
+        bundle_mod.load(copy)
+
+
+def test_a_program_reading_a_value_nothing_wrote(copy):
+    _edit(copy, lambda d: d["program"][1]["inputs"].update(x="never_written"))
+    rt = runtime.load(copy)
+    import numpy as np
+    with pytest.raises(BundleError, match="reads value 'never_written' before any step writes it"):
+        rt.classify(np.zeros([1] + rt.manifest.clip_shape, np.float32), force="static")
+
+
+def test_an_onnx_file_that_is_not_onnx(copy):
+    import hashlib
+    path = copy / "graphs" / "head.onnx"
+    path.write_bytes(b"this is not a model")
+    _edit(copy, lambda d: d["pieces"]["head"].update(
+        sha256=hashlib.sha256(b"this is not a model").hexdigest()))
+    with pytest.raises(BundleError, match="piece 'head' cannot be loaded by onnxruntime"):
+        runtime.load(copy)
+
+
+def test_safe_join_keeps_paths_inside(tmp_path):
+    assert bundle_mod.safe_join(tmp_path, "graphs/a.onnx") == (tmp_path / "graphs/a.onnx").resolve()
+    for bad in ["", "..", "a/../../b", "/abs", "C:\\x"]:
+        with pytest.raises(BundleError):
+            bundle_mod.safe_join(tmp_path, bad)

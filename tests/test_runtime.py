@@ -1,0 +1,179 @@
+"""The runtime against the PyTorch reference: free gates, every branch forced, batches grouped by branch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from adaedge import runtime
+from adaedge.bundle import BundleError
+from adaedge.runtime import BackendUnavailable, InputError
+
+from .conftest import clips, varied_clips
+
+RTOL = 1e-4
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundle):
+    return runtime.load(tiny_bundle)
+
+
+@pytest.mark.parametrize("force", [None, 0, 1, 2, 3])
+def test_whole_runtime_matches_the_reference(rt, tiny, force):
+    x = varied_clips(seed=1)
+    tiny.set_policy(force)
+    with torch.no_grad():
+        ref = tiny(x).numpy()
+    tiny.set_policy(None)
+    got = rt.classify(x.numpy(), force=force)
+    assert got.scores.shape == ref.shape
+    assert _rel(got.scores, ref) <= RTOL
+
+
+def test_free_gates_choose_what_the_reference_chooses(rt, tiny):
+    x = varied_clips()
+    with torch.no_grad():
+        tiny(x)
+    result = rt.classify(x.numpy())
+    mixed = 0
+    for name, layer in tiny.dynamic_layers():
+        unit = name[: -len(".conv")]
+        step = next(s for s in rt.manifest.switches() if s["name"] == unit)
+        want = [step["branches"][i]["name"] for i in layer.last_branch.tolist()]
+        assert [t.branches[unit] for t in result.traces] == want, unit
+        mixed += len(set(want)) > 1
+    assert mixed >= 5   # the batch really splits across branches at many gates
+
+
+def test_a_mixed_batch_gives_each_clip_what_it_gets_alone(rt):
+    x = varied_clips().numpy()
+    batch = rt.classify(x)
+    assert sum(len({t.branches[s["name"]] for t in batch.traces}) > 1
+               for s in rt.manifest.switches()) >= 5
+    for i in range(len(x)):
+        alone = rt.classify(x[i:i + 1])
+        assert _rel(batch.scores[i:i + 1], alone.scores) <= RTOL
+        assert batch.traces[i].branches == alone.traces[0].branches
+        assert batch.traces[i].flops == alone.traces[0].flops
+
+
+def test_named_policies_force_every_gate(rt):
+    x = clips(2).numpy()
+    for policy, name in [("static", "R1-r1"), ("all-half", "R1-r1/2"),
+                         ("all-stride2", "R2-r1"), ("cheapest", "R2-r1/2")]:
+        result = rt.classify(x, force=policy)
+        assert set(result.traces[0].branches.values()) == {name}
+    one = rt.manifest.switches()[3]["name"]
+    result = rt.classify(x, force={one: 3})
+    assert result.traces[0].branches[one] == "R2-r1/2"
+
+
+def test_trace_accounts_flops_and_time_of_every_step(rt):
+    result = rt.classify(clips(3).numpy(), force="all-half")
+    m = rt.manifest
+    want = sum(m.pieces[s["branches"][1]["piece"]].flops for s in m.switches()) + \
+        m.pieces["head"].flops
+    for t in result.traces:
+        assert t.flops == want
+        assert len(t.steps) == len(m.program)        # forced: no gate runs
+        assert all(s.ms >= 0 and s.batch == 3 for s in t.steps)
+    free = rt.classify(clips(1).numpy())
+    assert len(free.traces[0].steps) == len(m.program) + len(m.switches())   # gates ran
+    assert free.traces[0].to_json()["flops"] == free.traces[0].flops
+
+
+def test_runtime_never_imports_torch(tiny_bundle):
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        import adaedge.runtime as rt, adaedge.bench as bench
+        r = rt.load({str(tiny_bundle)!r})
+        r.classify(np.zeros((1, 3, 5, 32, 32), np.float32))
+        bench.bench(r, reps=1, warmup=0)
+        assert "torch" not in sys.modules, "torch was imported"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_clips_of_the_wrong_shape_are_refused_clearly(rt):
+    with pytest.raises(InputError, match=r"do not match the bundle's input \(N, 3, 5, 32, 32\)"):
+        rt.classify(np.zeros((1, 3, 8, 32, 32), np.float32))
+    with pytest.raises(InputError, match="do not match"):
+        rt.classify(np.zeros((3, 5, 32, 32), np.float32))
+    with pytest.raises(InputError, match="numeric"):
+        rt.classify(np.array([["a"]]))
+
+
+def test_bad_policies_are_refused_clearly(rt):
+    with pytest.raises(InputError, match="unknown policy 'fast'; this bundle has all-half"):
+        rt.classify(clips(1).numpy(), force="fast")
+    with pytest.raises(InputError, match="branch 7 does not exist"):
+        rt.classify(clips(1).numpy(), force=7)
+    with pytest.raises(InputError, match="unknown switch"):
+        rt.classify(clips(1).numpy(), force={"nope": 0})
+
+
+def test_unknown_backend_names_the_available_ones(tiny_bundle):
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tensorrt'.*onnxruntime"):
+        runtime.load(tiny_bundle, backend="tensorrt")
+
+
+def test_backend_whose_library_is_not_installed_says_how_to_install_it(tiny_bundle):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["onnxruntime"] = None      # as if the package were not installed
+        import adaedge.runtime as rt
+        try:
+            rt.load({str(tiny_bundle)!r})
+        except rt.BackendUnavailable as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "pip install onnxruntime" in out.stdout, out.stderr
+
+
+def test_cuda_device_without_the_provider_is_a_clear_error(tiny_bundle):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        runtime.load(tiny_bundle, device="cuda")
+
+
+def test_build_cache_is_used_and_stale_or_corrupt_engines_are_never_run(tiny, tmp_path):
+    from adaedge.export import export
+    out = tmp_path / "b"
+    export(tiny, out)
+    folder = runtime.build(out)
+    index = json.loads((folder / "index.json").read_text())
+    assert set(index["pieces"]) == set(runtime.load(out).manifest.pieces)
+    x = clips(2).numpy()
+    fresh = runtime.load(out, use_cache=False).classify(x).scores
+    assert _rel(runtime.load(out).classify(x).scores, fresh) <= RTOL
+    # a stale entry (the piece changed since the build) is ignored: the bundle's graph runs
+    index["pieces"]["head"]["source_sha256"] = "0" * 64
+    (folder / "index.json").write_text(json.dumps(index))
+    assert _rel(runtime.load(out).classify(x).scores, fresh) <= RTOL
+    # a corrupt engine is refused with a clear message, never run
+    (folder / "stem_s.gate.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="corrupt; run 'adaedge build' again"):
+        runtime.load(out)
+
+
+def test_stream_keeps_independent_state_per_call(rt):
+    # VA-RED² carries no state; a stream over it gives what classify gives
+    s = runtime.Stream(rt)
+    x = clips(1).numpy()
+    assert _rel(s.step(x).scores, rt.classify(x).scores) <= RTOL
