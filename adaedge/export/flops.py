@@ -7,7 +7,7 @@ element-wise arithmetic, concatenation) count as zero.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import onnx
 
@@ -24,7 +24,7 @@ def _prod(xs: List[int]) -> int:
 def count_flops(model: onnx.ModelProto) -> int:
     """Multiply-accumulates per clip of ``model``; its non-batch dimensions must be inferable."""
     g = onnx.shape_inference.infer_shapes(model).graph
-    shapes: Dict[str, List[object]] = {}
+    shapes: Dict[str, List[Union[int, str]]] = {}
     for v in list(g.input) + list(g.value_info) + list(g.output):
         shapes[v.name] = value_shape(v)
     weights = {init.name: [int(d) for d in init.dims] for init in g.initializer}
@@ -33,7 +33,7 @@ def count_flops(model: onnx.ModelProto) -> int:
         shape = shapes.get(name)
         if shape is None or not all(isinstance(d, int) for d in shape[1:]):
             raise ValueError(f"count_flops: no static per-clip shape for {name!r}: {shape}")
-        return [int(d) for d in shape[1:]]  # type: ignore[arg-type]
+        return [int(d) for d in shape[1:]]
 
     total = 0
     for node in g.node:

@@ -20,7 +20,7 @@ OPSET = 17
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
           "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL,
           "uint8": TensorProto.UINT8}
-_DTYPE_NAME = {v: k for k, v in _DTYPE.items()}
+_DTYPE_NAME: Dict[int, str] = {int(v): k for k, v in _DTYPE.items()}
 
 Dim = Union[int, str]
 
@@ -99,4 +99,4 @@ def value_shape(v: onnx.ValueInfoProto) -> List[Dim]:
 
 
 def value_dtype(v: onnx.ValueInfoProto) -> str:
-    return _DTYPE_NAME.get(v.type.tensor_type.elem_type, "unknown")
+    return _DTYPE_NAME.get(int(v.type.tensor_type.elem_type), "unknown")

@@ -88,6 +88,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
+def _bias(conv: torch.nn.Conv3d) -> torch.Tensor:
+    assert conv.bias is not None
+    return conv.bias
+
+
 def _bn_fold(conv: DynamicConv3d) -> Tuple[np.ndarray, np.ndarray]:
     bn = conv.bn
     assert bn.running_mean is not None and bn.running_var is not None
@@ -96,7 +101,8 @@ def _bn_fold(conv: DynamicConv3d) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: np.ndarray,
-            stride: Tuple[int, int, int], pads: Tuple[int, int, int], group: int = 1) -> Tuple[str, Tuple[int, ...]]:
+            stride: Tuple[int, int, int], pads: Tuple[int, int, int],
+            group: int = 1) -> Tuple[str, Tuple[int, ...]]:
     """A 3D convolution over NCTHW, written in the form ONNX Runtime runs fastest; exact either way.
 
     * temporal-only kernels (kt x 1 x 1, no spatial stride) run as a 2D (kt, 1) convolution over
@@ -160,16 +166,16 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
         raise ValueError(f"execution must be 'dynamic' or 'masked', not {execution!r}")
     y = act(y)
     if branch.c:
-        fill = conv.channel_fill[branch.c - 1]
-        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(fill.bias), (1, 1, 1), (0, 1, 1),
+        fill = conv.channel_fill_conv(branch.c)
+        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(_bias(fill)), (1, 1, 1), (0, 1, 1),
                        group=computed)
         y = g.op("Concat", y, act(f), axis=1)
         shape = (out_ch, *shape[1:])
     computed_frames = shape[1]
     if branch.t and frames_out > computed_frames:
-        fill = conv.temporal_fill[branch.t - 1]
+        fill = conv.temporal_fill_conv(branch.t)
         h, w = shape[2], shape[3]
-        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(fill.bias), (1, 1, 1), (0, 1, 1),
+        f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(_bias(fill)), (1, 1, 1), (0, 1, 1),
                        group=out_ch)
         y6 = g.op("Reshape", y, g.const([0, out_ch, computed_frames, 1, h, w], "shape", "int64"))
         if r == 2:
@@ -241,7 +247,8 @@ def _tag(branch: Branch) -> str:
 
 
 def export_vared(model: VaRedR2Plus1D, frames: int, size: int, execution: str = "dynamic",
-                 progress: Progress = None) -> "Tuple[Dict[str, onnx.ModelProto], List[dict], Dict[str, Dict[str, int]], str]":
+                 progress: Progress = None) -> Tuple[Dict[str, onnx.ModelProto], List[dict],
+                                                     Dict[str, Dict[str, int]], str]:
     """The pieces, the program and the forced policies of a VA-RED² R(2+1)D network.
 
     Returns ``(pieces, program, policies, output_value)``; :func:`adaedge.export.export` writes them.

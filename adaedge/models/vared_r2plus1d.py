@@ -11,16 +11,23 @@ channel branch computes a whole number of filters (the stem's 45 filters become 
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
 
-from ..nn.vared import DynamicConv3d, efficiency_loss
+from ..nn.vared import DynamicConv3d, Triple, efficiency_loss
 
 
 def _round_channels(c: float, step: int) -> int:
     return max(step, int(c / step + 0.5) * step)  # half up: 45 -> 46 at step 2
+
+
+def _dynamic_conv(search_space: int, gate_full_bias: float) -> Callable[..., DynamicConv3d]:
+    def conv(cin: int, cout: int, kernel: Triple, stride: Triple, padding: Triple) -> DynamicConv3d:
+        return DynamicConv3d(cin, cout, kernel, stride, padding, search_space=search_space,
+                             gate_full_bias=gate_full_bias)
+    return conv
 
 
 class DynamicUnit(nn.Module):
@@ -54,17 +61,16 @@ class BasicBlock(nn.Module):
         super().__init__()
         mid1 = _round_channels((cin * cout * 27) // (cin * 9 + 3 * cout), step)
         mid2 = _round_channels((cout * cout * 27) // (cout * 9 + 3 * cout), step)
-        kw = dict(search_space=search_space, gate_full_bias=gate_full_bias)
-        self.conv1_s = DynamicUnit(DynamicConv3d(cin, mid1, (1, 3, 3), (1, stride, stride),
-                                                 (0, 1, 1), **kw))
-        self.conv1_t = DynamicUnit(DynamicConv3d(mid1, cout, (3, 1, 1), (stride, 1, 1),
-                                                 (1, 0, 0), **kw))
-        self.conv2_s = DynamicUnit(DynamicConv3d(cout, mid2, (1, 3, 3), 1, (0, 1, 1), **kw))
-        self.conv2_t = DynamicUnit(DynamicConv3d(mid2, cout, (3, 1, 1), 1, (1, 0, 0), **kw),
+        conv = _dynamic_conv(search_space, gate_full_bias)
+        self.conv1_s = DynamicUnit(conv(cin, mid1, (1, 3, 3), (1, stride, stride), (0, 1, 1)))
+        self.conv1_t = DynamicUnit(conv(mid1, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0)))
+        self.conv2_s = DynamicUnit(conv(cout, mid2, (1, 3, 3), (1, 1, 1), (0, 1, 1)))
+        self.conv2_t = DynamicUnit(conv(mid2, cout, (3, 1, 1), (1, 1, 1), (1, 0, 0)),
                                    relu=True, residual=True)
         self.downsample: Optional[DynamicUnit] = None
         if stride != 1 or cin != cout:
-            self.downsample = DynamicUnit(DynamicConv3d(cin, cout, 1, stride, 0, **kw), relu=False)
+            self.downsample = DynamicUnit(conv(cin, cout, (1, 1, 1), (stride,) * 3, (0, 0, 0)),
+                                          relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self.downsample(x) if self.downsample is not None else x
@@ -100,11 +106,11 @@ class VaRedR2Plus1D(nn.Module):
         self.size = int(size)
         self.num_classes = int(num_classes)
         self.search_space = int(search_space)
-        kw = dict(search_space=search_space, gate_full_bias=gate_full_bias)
+        conv = _dynamic_conv(search_space, gate_full_bias)
         ws = [_round_channels(w * width_mult, step) for w in widths]
         stem = _round_channels(stem_width * width_mult, step)
-        self.stem_s = DynamicUnit(DynamicConv3d(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3), **kw))
-        self.stem_t = DynamicUnit(DynamicConv3d(stem, ws[0], (3, 1, 1), 1, (1, 0, 0), **kw))
+        self.stem_s = DynamicUnit(conv(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3)))
+        self.stem_t = DynamicUnit(conv(stem, ws[0], (3, 1, 1), (1, 1, 1), (1, 0, 0)))
         cin = ws[0]
         stages: List[nn.Sequential] = []
         for i, (n, w) in enumerate(zip(layers, ws)):
@@ -128,9 +134,8 @@ class VaRedR2Plus1D(nn.Module):
 
     def blocks(self) -> Iterator[BasicBlock]:
         for stage in self.stages:
-            for block in stage:
-                assert isinstance(block, BasicBlock)
-                yield block
+            for block in cast(nn.Sequential, stage):
+                yield cast(BasicBlock, block)
 
     def dynamic_layers(self) -> List[Tuple[str, DynamicConv3d]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, DynamicConv3d)]

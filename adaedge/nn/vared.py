@@ -27,7 +27,7 @@ r_i)); evaluation takes the single branch the gate picks (arg-max of each policy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -164,9 +164,21 @@ class DynamicConv3d(nn.Module):
         self.last_scores: Optional[torch.Tensor] = None
         self.last_branch: Optional[torch.Tensor] = None
 
+    def channel_fill_conv(self, c: int) -> nn.Conv3d:
+        """The cheap operation of channel branch c (c >= 1)."""
+        return cast(nn.Conv3d, self.channel_fill[c - 1])
+
+    def temporal_fill_conv(self, t: int) -> nn.Conv3d:
+        """The cheap operation of temporal branch t (t >= 1)."""
+        return cast(nn.Conv3d, self.temporal_fill[t - 1])
+
+    def _cheap_ops(self) -> List[nn.Conv3d]:
+        return [cast(nn.Conv3d, m) for m in list(self.channel_fill) + list(self.temporal_fill)]
+
     def _init_cheap_ops(self) -> None:
         # Start the cheap operations as copies (centre tap 1), the natural guess for a redundant map.
-        for m in list(self.channel_fill) + list(self.temporal_fill):
+        for m in self._cheap_ops():
+            assert m.bias is not None
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
             with torch.no_grad():
@@ -195,11 +207,11 @@ class DynamicConv3d(nn.Module):
         act = torch.relu if self.activation else (lambda t: t)
         y = act(y)
         if branch.c:
-            y = torch.cat([y, act(self.channel_fill[branch.c - 1](y))], dim=1)
+            y = torch.cat([y, act(self.channel_fill_conv(branch.c)(y))], dim=1)
         frames_out = self.output_frames(x.shape[2])
         if branch.t and frames_out > y.shape[2]:
             n, ch, tc, h, w = y.shape
-            filled = act(self.temporal_fill[branch.t - 1](y)).view(n, ch, r - 1, tc, h, w)
+            filled = act(self.temporal_fill_conv(branch.t)(y)).view(n, ch, r - 1, tc, h, w)
             y = torch.cat([y.unsqueeze(2), filled], dim=2)          # (n, ch, r, tc, h, w)
             y = y.transpose(2, 3).reshape(n, ch, tc * r, h, w)[:, :, :frames_out]
         return y
