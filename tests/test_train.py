@@ -1,0 +1,40 @@
+"""Training: a short run reduces the loss, and the whole command writes a checkpoint and its card."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adaedge import models
+from adaedge.data import MotionDataset
+from adaedge.train import TrainConfig, _phase, build_model, normalise, train
+
+
+def test_a_short_run_reduces_the_loss_and_every_phase_runs():
+    cfg = TrainConfig(frames=4, size=16, width_mult=0.125, batch=16, lr=3e-3, max_epochs=15)
+    x, y = MotionDataset("train", 4, 16, 32).arrays()
+    x = normalise(x)
+    model = build_model(cfg)
+    costs = model.layer_costs()
+    rng = np.random.default_rng(0)
+    _, static = _phase(model, x, y, cfg, "static", 5.0, cfg.lr, costs, rng, lambda s: None)
+    assert len(static) == 30
+    assert np.mean(static[-5:]) < 0.8 * np.mean(static[:5])   # from chance (2.3) downwards
+    cfg.max_epochs = 3
+    for name in ("branches", "gates"):
+        _, losses = _phase(model, x, y, cfg, name, 5.0, cfg.lr, costs, rng, lambda s: None)
+        assert len(losses) == 6 and np.isfinite(losses).all()
+    assert all(layer.force is None for _, layer in model.dynamic_layers())
+
+
+def test_the_training_command_writes_checkpoint_and_model_card(tmp_path):
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(out=str(out), frames=4, size=16, width_mult=0.125, train_clips=32,
+                      test_clips=20, batch=16, minutes=0.05, command="adaedge train (test)")
+    model, result = train(cfg, log=lambda s: None)
+    assert 0.0 <= result.accuracy <= 1.0 and len(result.gflops_per_class) == 10
+    again = models.load_model(out)
+    _, meta = models.read_checkpoint(out)
+    assert meta["labels"][0] == "still" and meta["test_top1"] == result.accuracy
+    card = out.with_suffix(".md").read_text()
+    assert "adaedge train (test)" in card and "What it is not" in card
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
