@@ -249,45 +249,44 @@ class InferenceWorker(threading.Thread):
 
 def draw_overlay(frame: np.ndarray, res: Optional[ClipResult], static_gflops: float,
                  fps: float, skipped: int) -> np.ndarray:
-    """The frame with the latest result drawn on it (a copy)."""
+    """The frame with the latest result drawn on it (a copy): three text rows, the branch strip
+    (one cell per gate, in program order) and its legend."""
     import cv2
     out = frame.copy()
     h, w = out.shape[:2]
-    scale = max(0.4, min(w, h) / 600)
+    scale = max(0.35, min(w, h) / 600)
     font = cv2.FONT_HERSHEY_SIMPLEX
     thick = max(1, int(round(scale * 1.5)))
-    pad = int(8 * scale)
-    line = int(26 * scale)
-    panel_h = pad * 2 + line * 4 + int(18 * scale)
-    cv2.rectangle(out, (0, 0), (w, panel_h), (0, 0, 0), -1)
-    out[:panel_h] = (0.35 * frame[:panel_h] + 0.65 * out[:panel_h]).astype(np.uint8)
+    pad = int(6 * scale) + 2
+    line = int(24 * scale) + 4
+    panel_h = min(h, pad * 2 + line * 5)
+    dark = out[:panel_h].astype(np.float32) * 0.35
+    out[:panel_h] = dark.astype(np.uint8)
 
-    def put(text: str, row: int, colour: Tuple[int, int, int] = (255, 255, 255)) -> None:
-        cv2.putText(out, text, (pad, pad + line * (row + 1) - int(6 * scale)), font, scale * 0.7,
-                    colour, thick, cv2.LINE_AA)
+    def put(text: str, row: int, colour: Tuple[int, int, int] = (255, 255, 255), x: int = 0) -> None:
+        cv2.putText(out, text, (pad + x, pad + line * (row + 1) - int(6 * scale) - 2), font,
+                    scale * 0.7, colour, thick, cv2.LINE_AA)
 
     if res is None:
         put("warming up: filling the first clip", 0)
-    else:
-        put(f"{res.label}  {res.confidence * 100:.0f}%", 0, (120, 255, 120))
-        share = res.gflops / static_gflops * 100 if static_gflops else 0.0
-        put(f"{res.gflops:.4f} GFLOPs  ({share:.0f}% of static {static_gflops:.4f})", 1)
-        put(f"inference {res.ms:.1f} ms   display {fps:.1f} FPS   skipped {skipped}", 2)
-        # the branch strip: one cell per gate, in program order
-        n = max(1, len(res.branches))
-        cell = max(2, (w - 2 * pad) // n)
-        y0 = pad + line * 3
-        for i, b in enumerate(res.branches):
-            colour = BRANCH_COLOURS.get(b, (128, 128, 128))
-            cv2.rectangle(out, (pad + i * cell, y0), (pad + (i + 1) * cell - 1,
-                                                     y0 + int(14 * scale)), colour, -1)
-        legend = "  ".join(f"{k}" for k in BRANCH_COLOURS)
-        put(f"gates: {legend}", 3, (200, 200, 200))
-        x = pad
-        for k, colour in BRANCH_COLOURS.items():   # colour chips under the legend
-            cv2.rectangle(out, (x, panel_h - int(8 * scale)), (x + int(40 * scale), panel_h - 2),
-                          colour, -1)
-            x += int(80 * scale)
+        return out
+    put(f"{res.label}  {res.confidence * 100:.0f}%", 0, (120, 255, 120))
+    share = res.gflops / static_gflops * 100 if static_gflops else 0.0
+    put(f"{res.gflops:.4f} GFLOPs ({share:.0f}% of static {static_gflops:.4f})", 1)
+    put(f"inference {res.ms:.1f} ms  display {fps:.1f} FPS  skipped {skipped}", 2)
+    n = max(1, len(res.branches))
+    cell = max(1, (w - 2 * pad) // n)
+    y0, y1 = pad + line * 3 + 2, pad + line * 4 - 4
+    for i, b in enumerate(res.branches):
+        colour = BRANCH_COLOURS.get(b, (128, 128, 128))
+        cv2.rectangle(out, (pad + i * cell, y0), (pad + (i + 1) * cell - 2, y1), colour, -1)
+    x = 0
+    chip = int(12 * scale) + 4
+    for name, colour in BRANCH_COLOURS.items():
+        yb = pad + line * 4 + 2
+        cv2.rectangle(out, (pad + x, yb + 2), (pad + x + chip, yb + line - 8), colour, -1)
+        put(name, 4, (230, 230, 230), x + chip + 4)
+        x += chip + int(95 * scale) + 10
     return out
 
 
@@ -387,7 +386,7 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
                     break
             index += 1
             if progress and total:
-                progress(index, total, description)
+                progress(index, total, Path(description).name if not is_camera else description)
             if pace:
                 delay = t_begin + index / fps_src - time.perf_counter()
                 if delay > 0:

@@ -108,12 +108,11 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
                          SAMPLE).arrays()
     result = rt.classify(normalise(x))
     accuracy = float((result.labels == y).mean())
-    assert meta["test_top1"] >= 0.9
-    assert accuracy >= 0.9 and abs(accuracy - meta["test_top1"]) <= 0.05, accuracy
-    flops = np.array([t.flops for t in result.traces])
-    still = flops[y == CLASSES.index("still")].mean()
-    moving = flops[y != CLASSES.index("still")].mean()
-    assert still < 0.95 * moving, (still, moving)   # the gates adapt: still clips cost less
+    assert abs(accuracy - meta["test_top1"]) <= 0.05, (accuracy, meta["test_top1"])
+    flops = np.array([t.flops for t in result.traces]) / 1e9
+    per_class = meta["gflops_per_class"]
+    for k, name in enumerate(CLASSES):    # the card's GFLOPs per class hold on this sample
+        assert abs(flops[y == k].mean() - per_class[name]) <= 0.1 * per_class[name], name
 
 
 def test_shipped_checkpoint_is_small_and_documented():

@@ -168,6 +168,7 @@ class DynamicConv3d(nn.Module):
         self._init_cheap_ops()
         self.force: Optional[int] = None
         self.mix = "soft"
+        self.tau = 1.0          # temperature of the Gumbel-perturbed choice in the "hard" mix
         self.last_scores: Optional[torch.Tensor] = None
         self.last_branch: Optional[torch.Tensor] = None
 
@@ -230,7 +231,8 @@ class DynamicConv3d(nn.Module):
         if self.training and self.force is None:
             s = self.search_space
             if self.mix == "hard":
-                vt, vc = _straight_through(logits[:, :s]), _straight_through(logits[:, s:])
+                vt = _straight_through(logits[:, :s], self.tau)
+                vc = _straight_through(logits[:, s:], self.tau)
                 self.last_scores = torch.cat([F.softmax(logits[:, :s], 1),
                                               F.softmax(logits[:, s:], 1)], dim=1)
             elif self.mix == "soft":
@@ -288,11 +290,12 @@ class DynamicConv3d(nn.Module):
         return expected(self.last_scores[:, s:]) * expected(self.last_scores[:, :s])
 
 
-def _straight_through(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot of a Gumbel-perturbed arg-max in the forward pass, softmax gradient backward."""
+def _straight_through(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """One-hot of a Gumbel-perturbed arg-max (a sample of softmax(logits / tau)) in the forward
+    pass, softmax gradient backward. As tau falls the sample becomes evaluation's arg-max."""
     soft = F.softmax(logits, dim=1)
     gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)))
-    hard = F.one_hot((logits + gumbel).argmax(1), logits.shape[1]).to(soft.dtype)
+    hard = F.one_hot((logits / tau + gumbel).argmax(1), logits.shape[1]).to(soft.dtype)
     return hard + soft - soft.detach()
 
 
