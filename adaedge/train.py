@@ -333,7 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       lr=args.lr, eff_weight=args.eff_weight, minutes=args.minutes,
                       static_share=args.static_share, branch_share=args.branch_share,
                       max_epochs=args.max_epochs, seed=args.seed, threads=args.threads,
-                      command="adaedge train " + " ".join(shlex.quote(a) for a in (argv or [])))
+                      command="adaedge train " + " ".join(
+                          shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
