@@ -374,7 +374,7 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             if output is not None:
                 if writer is None:
                     h, w = annotated.shape[:2]
-                    writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"),
+                    writer = cv2.VideoWriter(str(output), cv2.VideoWriter.fourcc(*"mp4v"),
                                              fps_src, (w, h))
                     if not writer.isOpened():
                         raise SourceError(f"cannot write the output video {output}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import models
 from .data import CLASSES, MotionDataset
 from .export import KINETICS_MEAN, KINETICS_STD
+from .models.vared_r2plus1d import VaRedR2Plus1D
 
 Log = Callable[[str], None]
 
@@ -79,10 +80,11 @@ def normalise(clips: np.ndarray) -> np.ndarray:
     return (clips - mean) / std
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
+def build_model(cfg: TrainConfig) -> VaRedR2Plus1D:
     torch.manual_seed(cfg.seed)
     model = models.create("vared_r2plus1d_18", num_classes=len(CLASSES), frames=cfg.frames,
                           size=cfg.size, width_mult=cfg.width_mult, layers=list(cfg.layers))
+    assert isinstance(model, VaRedR2Plus1D)
     for _, layer in model.dynamic_layers():
         layer.mix = "hard"
     return model
@@ -91,7 +93,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 PHASES = ("static", "branches", "gates")
 
 
-def _trainable(model: torch.nn.Module, phase: str) -> List[torch.nn.Parameter]:
+def _trainable(model: VaRedR2Plus1D, phase: str) -> List[torch.nn.Parameter]:
     """What a phase trains: everything but the gates (static); after that the backbone is frozen,
     batch-norm statistics included, and only the cheap operations (branches) and the cheap
     operations with the gates (gates) learn. A half-channel branch computes exactly the full
@@ -111,7 +113,7 @@ def _trainable(model: torch.nn.Module, phase: str) -> List[torch.nn.Parameter]:
     return chosen
 
 
-def _phase(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, name: str,
+def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, name: str,
            minutes: float, lr: float, costs: List[float], rng: np.random.Generator,
            log: Log) -> "tuple[float, List[float]]":
     """One training phase under a time budget with a cosine learning rate; returns epochs, losses.
@@ -191,7 +193,7 @@ def _phase(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfi
     return epochs, losses
 
 
-def train(cfg: TrainConfig, log: Log = print) -> "tuple[torch.nn.Module, TrainResult]":
+def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResult]":
     """Train, evaluate on ONNX Runtime, save the checkpoint (with its model card) to cfg.out.
 
     Three phases share the time budget (see :func:`_phase` and :func:`_trainable`): the static
@@ -218,10 +220,10 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[torch.nn.Module, TrainRe
     for name in PHASES:
         left = cfg.minutes - (time.perf_counter() - t_train) / 60
         minutes = left if name == "gates" else cfg.minutes * shares[name]
-        e, l = _phase(model, x_train, y_train, cfg, name, max(minutes, 0.05), rates[name], costs,
-                      rng, log)
-        epochs[name] = e
-        losses += l
+        done, phase_losses = _phase(model, x_train, y_train, cfg, name, max(minutes, 0.05),
+                                    rates[name], costs, rng, log)
+        epochs[name] = done
+        losses += phase_losses
     train_minutes = (time.perf_counter() - t_train) / 60
     log("trained " + " + ".join(f"{e:.1f} {n}" for n, e in epochs.items()) +
         f" epochs in {train_minutes:.1f} min; evaluating on ONNX Runtime ...")
@@ -235,7 +237,7 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[torch.nn.Module, TrainRe
     return model, result
 
 
-def evaluate(model: torch.nn.Module, cfg: TrainConfig, clips: int = 0) -> TrainResult:
+def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainResult:
     """Top-1 and GFLOPs per class, measured on the exported bundle with ONNX Runtime."""
     from . import runtime
     from .export import export
@@ -246,7 +248,8 @@ def evaluate(model: torch.nn.Module, cfg: TrainConfig, clips: int = 0) -> TrainR
     with tempfile.TemporaryDirectory() as tmp:
         export(model, Path(tmp) / "b", weights={"source": "training"})
         rt = runtime.load(Path(tmp) / "b")
-        scores, flops = [], []
+        scores: List[np.ndarray] = []
+        flops: List[int] = []
         for i in range(0, n, 50):
             res = rt.classify(x[i:i + 50])
             scores.append(res.scores)
@@ -262,7 +265,7 @@ def model_card_path(out: str) -> Path:
     return Path(out).with_suffix(".md")
 
 
-def save(model: torch.nn.Module, cfg: TrainConfig, result: TrainResult) -> None:
+def save(model: VaRedR2Plus1D, cfg: TrainConfig, result: TrainResult) -> None:
     meta: Dict[str, Any] = {
         "labels": list(CLASSES), "mean": KINETICS_MEAN, "std": KINETICS_STD,
         "trained_on": "adaedge.data.MotionDataset (procedural motion clips)",
