@@ -110,6 +110,18 @@ class Manifest:
     def switches(self) -> List[Dict[str, Any]]:
         return [s for s in self.program if s["op"] == "switch"]
 
+    def policy_flops(self, policy: str) -> int:
+        """FLOPs per clip of the whole program under a forced policy (no gate runs, no exit):
+        what a trace of ``classify(clips, force=policy)`` adds up to."""
+        table = self.policies[policy]
+        flops = 0
+        for step in self.program:
+            if step["op"] == "run":
+                flops += self.pieces[step["piece"]].flops
+            elif step["op"] == "switch":
+                flops += self.pieces[step["branches"][table.get(step["name"], 0)]["piece"]].flops
+        return flops
+
 
 # ---------------------------------------------------------------------------------------------
 # safe paths

@@ -100,7 +100,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                       execution=args.execution, labels=labels, weights=weights,
                       overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet))
     total = len(manifest.pieces)
-    static = sum(manifest.pieces[s["branches"][0]["piece"]].flops for s in manifest.switches())
+    static = manifest.policy_flops("static")
     print(f"wrote {args.out}: {total} pieces, {len(manifest.switches())} gates, "
           f"static network {static / 1e9:.3f} GFLOPs per clip "
           f"({manifest.input['frames']}x{manifest.input['size'][0]}x{manifest.input['size'][1]})")
@@ -133,14 +133,8 @@ def cmd_info(args: argparse.Namespace) -> int:
           if labels else "labels    none")
     print(f"pieces    {len(m.pieces)}; program: {len(m.program)} steps, {len(m.switches())} gates")
     print(f"policies  {', '.join(sorted(m.policies)) or 'none'}")
-    for name, table in sorted(m.policies.items()):
-        flops = 0
-        for step in m.program:
-            if step["op"] == "run":
-                flops += m.pieces[step["piece"]].flops
-            elif step["op"] == "switch":
-                flops += m.pieces[step["branches"][table.get(step["name"], 0)]["piece"]].flops
-        print(f"  {name:<12} {flops / 1e9:.4f} GFLOPs per clip")
+    for name in sorted(m.policies):
+        print(f"  {name:<12} {m.policy_flops(name) / 1e9:.4f} GFLOPs per clip")
     return 0
 
 

@@ -333,9 +333,8 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         if headless and output is None:
             output = "adaedge-demo.mp4"
         summary = Summary(description)
-        summary.static_gflops = runtime.classify(
-            np.zeros([1] + b.manifest.clip_shape, np.float32), force="static").traces[0].gflops \
-            if "static" in b.manifest.policies else 0.0
+        if "static" in b.manifest.policies:
+            summary.static_gflops = b.manifest.policy_flops("static") / 1e9
         worker = InferenceWorker(runtime, labels, summary)
         worker.start()
         fps_src = cap.get(cv2.CAP_PROP_FPS) or 0.0

@@ -254,7 +254,7 @@ def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainRes
             res = rt.classify(x[i:i + 50])
             scores.append(res.scores)
             flops.extend(t.flops for t in res.traces)
-        static = rt.classify(x[:1], force="static").traces[0].flops
+        static = rt.manifest.policy_flops("static")
     pred = np.concatenate(scores).argmax(1)
     flops_arr = np.asarray(flops, dtype=np.float64)
     per_class = {c: float(flops_arr[y == k].mean() / 1e9) for k, c in enumerate(CLASSES)}

@@ -177,3 +177,9 @@ def test_stream_keeps_independent_state_per_call(rt):
     s = runtime.Stream(rt)
     x = clips(1).numpy()
     assert _rel(s.step(x).scores, rt.classify(x).scores) <= RTOL
+
+
+def test_policy_flops_from_the_manifest_equal_what_a_forced_run_spends(rt):
+    x = clips(2).numpy()
+    for policy in rt.policies:
+        assert rt.manifest.policy_flops(policy) == rt.classify(x, force=policy).traces[0].flops

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -172,14 +171,6 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
     model = create(name, **merged)
     load_state(model, state, os.fspath(path))
     return model
-
-
-def file_sha256(path: "str | os.PathLike[str]") -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 register("vared_r2plus1d_18", vared_r2plus1d_18, family="vared")
