@@ -6,6 +6,8 @@ Configurations (names as ``adaedge bench --json`` prints them):
 * ``all-half``, ``all-stride2``, ``cheapest``: the bundle's forced policies of those names;
 * ``free``: the gates choose.
 
+A bundle without gates has only ``static``, its one path.
+
 Each repetition runs every configuration once, in a shuffled order, on the same clips, so that
 drifts of a noisy machine fall on all of them alike. Realisation is the share of the FLOP saving
 that became time: ``(1 - t_policy / t_static) / (1 - F_policy / F_static)`` (``None`` when the
@@ -83,7 +85,12 @@ def realization(t_policy: float, t_static: float, f_policy: float, f_static: flo
 
 
 def standard_configs(runtime: Runtime, names: Sequence[str] = DEFAULT_CONFIGS) -> List[Config]:
-    """The named configurations a bundle supports (policies it lacks are skipped, static first)."""
+    """The named configurations a bundle supports (policies it lacks are skipped, static first).
+
+    A bundle without gates (TAda2D) has one configuration, ``static``: its only path.
+    """
+    if not runtime.manifest.switches():
+        return [Config("static", runtime, None)]
     out = []
     for name in names:
         if name == "free":

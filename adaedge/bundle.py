@@ -21,7 +21,9 @@ Manifest (schema version 1)::
 
 Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
 
-* ``{"op": "run", "name", "piece", "inputs", "outputs"}``: run one piece.
+* ``{"op": "run", "name", "piece", "inputs", "outputs", ["layouts"]}``: run one piece. The
+  optional ``layouts`` maps output values to ``"NTCHW"`` where a 5D value holds frames before
+  channels (pieces that fold frames into the batch); others are ``NCTHW``.
 * ``{"op": "switch", "name", "gate": {"piece", "inputs", "decision", "scores"},
   "branches": [{"name", "piece"}], "inputs", "outputs"}``: the gate piece's ``decision`` output
   (int64, one per clip) picks the branch; all branch pieces share I/O names.
@@ -48,6 +50,7 @@ MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8")
 STEP_OPS = ("run", "switch", "exit", "carry")
 CRITERIA = ("entropy", "max_prob")
+LAYOUTS = ("NCTHW", "NTCHW")
 
 Dim = Union[int, str]
 
@@ -112,8 +115,12 @@ class Manifest:
 
     def policy_flops(self, policy: str) -> int:
         """FLOPs per clip of the whole program under a forced policy (no gate runs, no exit):
-        what a trace of ``classify(clips, force=policy)`` adds up to."""
-        table = self.policies[policy]
+        what a trace of ``classify(clips, force=policy)`` adds up to. A program without switches
+        has one path, which every policy name (``static`` included) means."""
+        if policy not in self.policies and not self.switches():
+            table: Dict[str, int] = {}
+        else:
+            table = self.policies[policy]
         flops = 0
         for step in self.program:
             if step["op"] == "run":
@@ -215,7 +222,12 @@ def _check_step(step: Any, i: int, pieces: Dict[str, Piece]) -> None:
     if op == "run":
         p = piece(_need(step, "piece", str, where), f"{where}.piece")
         _io_map(step.get("inputs"), f"{where}.inputs", [t.name for t in p.inputs])
-        _io_map(step.get("outputs"), f"{where}.outputs", [t.name for t in p.outputs])
+        outputs = _io_map(step.get("outputs"), f"{where}.outputs", [t.name for t in p.outputs])
+        layouts = step.get("layouts", {})
+        if not isinstance(layouts, dict) or any(
+                v not in outputs.values() or lay not in LAYOUTS for v, lay in layouts.items()):
+            raise BundleError(f"manifest: {where}.layouts must map output values to one of "
+                              f"{', '.join(LAYOUTS)}")
     elif op == "switch":
         gate = _need(step, "gate", dict, where)
         g = piece(_need(gate, "piece", str, f"{where}.gate"), f"{where}.gate.piece")

@@ -96,9 +96,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = models.create(args.model, **config)
         weights = {"source": "random", "seed": args.seed}
+    options = {"routing": args.routing} if args.routing else {}
     manifest = export(model, args.out, frames=args.frames, size=args.size,
                       execution=args.execution, labels=labels, weights=weights,
-                      overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet))
+                      overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet),
+                      options=options)
     total = len(manifest.pieces)
     static = manifest.policy_flops("static")
     print(f"wrote {args.out}: {total} pieces, {len(manifest.switches())} gates, "
@@ -245,9 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=int, help="height = width of a clip (default: the model's)")
     sp.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help="model config override, value as JSON (e.g. width_mult=0.25)")
-    sp.add_argument("--execution", choices=["dynamic", "masked"], default="dynamic",
-                    help="'masked' computes every filter and frame then keeps the branch's part, "
-                         "as the papers' code does (for comparison only)")
+    sp.add_argument("--execution", choices=["dynamic", "masked", "calibrated", "official",
+                                            "uncalibrated"],
+                    help="the form to write (default: the family's first). VA-RED²: 'dynamic' "
+                         "(static pieces per branch) or 'masked' (every filter and frame computed, "
+                         "then the branch's part kept, as the papers' code does; for comparison). "
+                         "TAda2D: 'calibrated' (factorised calibrated convolution), 'official' "
+                         "(per-clip weights and a grouped convolution, batch 1; for comparison) or "
+                         "'uncalibrated' (alpha fixed at 1: the benchmark's lower bound, not the "
+                         "model's function)")
+    sp.add_argument("--routing", choices=["fused", "separate"],
+                    help="TAda2D: the routing function inside each block's piece (fused, default) "
+                         "or a piece of its own")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
 
     sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache")

@@ -1,9 +1,9 @@
 """Compare a bundle running on a backend with the PyTorch reference it was exported from.
 
 Cases: free gates, then every branch forced at every gate in turn (branch 0 everywhere, branch 1
-everywhere, ...), so every piece of the bundle runs. Each program value (the output of every unit)
-is compared in program order; the first that differs names the piece that produced it. With free
-gates the branch each gate chose must match too.
+everywhere, ...), so every piece of the bundle runs; a bundle without gates (TAda2D) has one case.
+Each program value (the output of every unit) is compared in program order; the first that differs
+names the piece that produced it. With free gates the branch each gate chose must match too.
 
 Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4.
 """
@@ -98,12 +98,15 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
     value_names = [v for s in manifest.program if s["op"] in ("run", "switch")
                    for v in s["outputs"].values()]
     store, hooks = _capture(model, value_names)
+    set_policy = getattr(model, "set_policy", None)  # models without branches have none
     try:
-        model.set_policy(force)  # type: ignore[operator]
+        if set_policy is not None:
+            set_policy(force)
         with torch.no_grad():
             logits = model(torch.from_numpy(clips))
     finally:
-        model.set_policy(None)  # type: ignore[operator]
+        if set_policy is not None:
+            set_policy(None)
         for h in hooks:
             h.remove()
     store[manifest.output] = logits.detach()
@@ -126,6 +129,8 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             if value not in store:
                 continue
             ref = store[value].numpy().astype(np.float64)
+            if step.get("layouts", {}).get(value) == "NTCHW" and ref.ndim == 5:
+                ref = ref.transpose(0, 2, 1, 3, 4)  # the module's (N, C, T, H, W)
             got_v = result.values.get(value)
             if got_v is None or got_v.shape != ref.shape:
                 return CaseResult(name, False, worst, f"value {value!r} missing or of shape "

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import onnx
 
@@ -26,17 +26,23 @@ KINETICS_MEAN = [0.43216, 0.394666, 0.37645]
 KINETICS_STD = [0.22803, 0.22145, 0.216989]
 
 Progress = Optional[Callable[[int, int, str], None]]
+EXECUTIONS = {"vared": ("dynamic", "masked"), "tada": ("calibrated", "official", "uncalibrated")}
 
 
 class ExportError(ValueError):
     """An export that cannot be done as asked (bad destination, unknown family, bad sizes)."""
 
 
-def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: str,
-                   progress: Progress) -> Any:
+def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: Optional[str],
+                   progress: Progress, options: Mapping[str, Any]) -> Any:
     if fam == "vared":
         from .vared import export_vared
-        return export_vared(model, frames, size, execution, progress)
+        if options:
+            raise ExportError(f"VA-RED² export takes no options ({', '.join(options)})")
+        return export_vared(model, frames, size, execution or "dynamic", progress)
+    if fam == "tada":
+        from .tada import export_tada
+        return export_tada(model, frames, size, execution, progress, **options)
     raise ExportError(f"no exporter for model family {fam!r}")
 
 
@@ -54,13 +60,17 @@ def _prepare_destination(out: Path, overwrite: bool) -> None:
 
 
 def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = None,
-           size: Optional[int] = None, *, execution: str = "dynamic",
+           size: Optional[int] = None, *, execution: Optional[str] = None,
            labels: Optional[Sequence[str]] = None, mean: Sequence[float] = KINETICS_MEAN,
            std: Sequence[float] = KINETICS_STD, weights: Optional[Dict[str, Any]] = None,
-           overwrite: bool = False, progress: Progress = None) -> Manifest:
+           overwrite: bool = False, progress: Progress = None,
+           options: Optional[Mapping[str, Any]] = None) -> Manifest:
     """Write ``model`` as a bundle at ``out``; returns the manifest.
 
-    ``frames`` and ``size`` fix the static input (default: the model's config). The bundle is built
+    ``frames`` and ``size`` fix the static input (default: the model's config). ``execution``
+    picks the family's form (VA-RED²: ``dynamic`` or ``masked``; TAda2D: ``calibrated``,
+    ``official`` or ``uncalibrated``; default: the first), ``options`` the family's other
+    choices (TAda2D: ``routing``). The bundle is built
     in a temporary folder beside ``out`` and moved into place only when complete, so a failed
     export leaves nothing half-written, and an existing bundle is replaced only with ``overwrite``.
     """
@@ -75,8 +85,14 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
     out = Path(out)
     _prepare_destination(out, overwrite)
-    pieces, program, policies, output = _family_pieces(fam, model, frames, size, execution,
-                                                       progress)
+    try:
+        pieces, program, policies, output = _family_pieces(fam, model, frames, size, execution,
+                                                           progress, dict(options or {}))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ExportError):
+            raise
+        raise ExportError(str(e)) from None
+    execution = execution or next(iter(EXECUTIONS[fam]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -93,7 +109,8 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
                          for v in proto.graph.output])
         manifest = Manifest(
             model={"name": name, "family": fam, "config": model_config(model),
-                   "execution": execution, "weights": weights or {"source": "unknown"}},
+                   "execution": execution, "options": dict(options or {}),
+                   "weights": weights or {"source": "unknown"}},
             input={"name": "clip", "layout": "NCTHW", "channels": 3, "frames": frames,
                    "size": [size, size], "dtype": "float32", "mean": [float(m) for m in mean],
                    "std": [float(s) for s in std],

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+CUSTOM_DOMAIN = "adaedge"   # custom ops, each with a standard-op function body
 
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
           "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL,
@@ -32,6 +33,7 @@ class Graph:
         self.inputs: List[onnx.ValueInfoProto] = []
         self.outputs: List[onnx.ValueInfoProto] = []
         self.initializers: List[onnx.TensorProto] = []
+        self.functions: Dict[Tuple[str, str], onnx.FunctionProto] = {}
         self._count: Dict[str, int] = {}
 
     def _fresh(self, hint: str) -> str:
@@ -60,6 +62,23 @@ class Graph:
                                            name=name or self._fresh("n_" + op_type), **attrs))
         return outs[0] if outputs == 1 else outs
 
+    def custom(self, function: onnx.FunctionProto, *inputs: str, **attrs: Any) -> str:
+        """A node of a custom op (domain ``adaedge``) whose body is ``function``.
+
+        The function travels with the model, so a runtime without the op runs its body; a
+        TensorRT plugin of the same name can take its place. ``function.overload`` (IR 10) lets
+        one op have bodies for different attribute values.
+        """
+        key = (function.name, function.overload)
+        self.functions.setdefault(key, function)
+        out = self._fresh(function.name.lower())
+        node = helper.make_node(function.name, list(inputs), [out], domain=function.domain,
+                                name=self._fresh("n_" + function.name), **attrs)
+        if function.overload:
+            node.overload = function.overload
+        self.nodes.append(node)
+        return out
+
     def output(self, value: str, name: str, dtype: str = "float32") -> str:
         """Expose ``value`` as graph output ``name`` (an Identity renames it)."""
         self.nodes.append(helper.make_node("Identity", [value], [name], name=self._fresh("out")))
@@ -69,9 +88,13 @@ class Graph:
     def model(self, check: bool = True) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="adaedge")
-        model.ir_version = 8
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.functions:
+            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="adaedge",
+                                  functions=list(self.functions.values()))
+        # IR 10 (ONNX 1.16) brings function overloads; graphs without functions stay at IR 8.
+        model.ir_version = 10 if self.functions else 8
         if check:
             model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
             onnx.checker.check_model(model, full_check=True)
@@ -100,3 +123,15 @@ def value_shape(v: onnx.ValueInfoProto) -> List[Dim]:
 
 def value_dtype(v: onnx.ValueInfoProto) -> str:
     return _DTYPE_NAME.get(int(v.type.tensor_type.elem_type), "unknown")
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor as float64 numpy (weights are folded in double, then stored as float32)."""
+    return t.detach().cpu().double().numpy()
+
+
+def bn_affine(bn: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """An eval-mode batch norm as ``y = x * scale + shift`` per channel."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = to_numpy(bn.weight) / np.sqrt(to_numpy(bn.running_var) + bn.eps)
+    return scale, to_numpy(bn.bias) - to_numpy(bn.running_mean) * scale

@@ -23,8 +23,9 @@ import onnx
 import torch
 
 from ..models.vared_r2plus1d import DynamicUnit, Head, VaRedR2Plus1D
-from ..nn.vared import Branch, DynamicConv3d
-from .graph import Graph
+from ..nn.vared import Branch
+from .graph import Graph, bn_affine
+from .graph import to_numpy as _np
 
 Progress = Optional[Callable[[int, int, str], None]]
 
@@ -84,20 +85,9 @@ def plan_units(model: VaRedR2Plus1D, frames: int, size: int) -> Tuple[List[UnitP
     return plans, head_in[0]
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
-
-
 def _bias(conv: torch.nn.Conv3d) -> torch.Tensor:
     assert conv.bias is not None
     return conv.bias
-
-
-def _bn_fold(conv: DynamicConv3d) -> Tuple[np.ndarray, np.ndarray]:
-    bn = conv.bn
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
-    return scale, _np(bn.bias) - _np(bn.running_mean) * scale
 
 
 def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: np.ndarray,
@@ -142,7 +132,7 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
     g = Graph(f"{plan.name}.{branch.name}")
     x = g.input("x", ["N", *plan.in_shape])
     identity = g.input("identity", ["N", *plan.out_shape]) if unit.residual else None
-    scale, shift = _bn_fold(conv)
+    scale, shift = bn_affine(conv.bn)
     weight = _np(conv.conv.weight) * scale[:, None, None, None, None]
     out_ch, frames_out = conv.out_channels, plan.out_shape[1]
     computed = out_ch // 2 ** branch.c
@@ -209,11 +199,8 @@ def gate_graph(plan: UnitPlan) -> onnx.ModelProto:
     g = Graph(f"{plan.name}.gate")
     x = g.input("x", ["N", *plan.in_shape])
     z = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
-    bn = gate.bn
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+    scale, b1 = bn_affine(gate.bn)
     w1 = _np(gate.fc1.weight) * scale[:, None]
-    b1 = _np(bn.bias) - _np(bn.running_mean) * scale
     z = g.op("Relu", g.op("Gemm", z, g.const(w1, "w1"), g.const(b1, "b1"), transB=1))
     z = g.op("Gemm", z, g.const(_np(gate.fc2.weight), "w2"), g.const(_np(gate.beta), "beta"),
              transB=1)

@@ -14,10 +14,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .tada2d import TAda2D, config_from_official, tada2d
 from .vared_r2plus1d import VaRedR2Plus1D, vared_r2plus1d_18
 
 __all__ = ["create", "available", "register", "load_checkpoint", "save_checkpoint", "load_model",
-           "CheckpointError", "VaRedR2Plus1D", "model_name", "model_config"]
+           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "model_name", "model_config"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: Dict[str, str] = {}
@@ -91,7 +92,9 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     """Read a checkpoint safely (``weights_only=True``): the state dict and adaedge's metadata.
 
     Accepts our own format, ``{"state_dict": ...}`` or ``{"model": ...}`` wrappers as training
-    scripts save them, and bare state dicts; strips a DataParallel ``module.`` prefix.
+    scripts save them, the official TAdaConv code's ``{"model_state": ..., "cfg": json}`` (its
+    config is returned as ``meta["official_cfg"]``), and bare state dicts; strips a DataParallel
+    ``module.`` prefix.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
@@ -103,6 +106,8 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     meta: Dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("adaedge"), dict):
         meta = dict(obj["adaedge"])
+    elif isinstance(obj, dict) and isinstance(obj.get("cfg"), str):
+        meta = {"official_cfg": obj["cfg"]}
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state"):
@@ -162,11 +167,18 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
     if name is not None and saved_name is not None and name != saved_name:
         raise CheckpointError(f"checkpoint {os.fspath(path)} is for model {saved_name!r}, "
                               f"not {name!r}")
+    official: Dict[str, Any] = {}
+    if saved_name is None and meta.get("official_cfg") and name in (None, "tada2d"):
+        try:
+            official = config_from_official(meta["official_cfg"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
+        saved_name = "tada2d"
     name = name or saved_name
     if name is None:
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not say which model it is for: "
                               "name the model")
-    merged = dict(meta.get("config") or {})
+    merged = dict(meta.get("config") or official)
     merged.update(config)
     model = create(name, **merged)
     load_state(model, state, os.fspath(path))
@@ -174,3 +186,4 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
 
 
 register("vared_r2plus1d_18", vared_r2plus1d_18, family="vared")
+register("tada2d", tada2d, family="tada")

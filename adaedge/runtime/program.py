@@ -67,6 +67,10 @@ class Result:
     def labels(self) -> np.ndarray:
         return self.scores.argmax(axis=1)
 
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the scores (the scores are logits), per clip."""
+        return _softmax(self.scores.astype(np.float64))
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
