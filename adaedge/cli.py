@@ -134,7 +134,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"labels    {len(labels)}: {', '.join(labels[:10])}{' …' if len(labels) > 10 else ''}"
           if labels else "labels    none")
     print(f"pieces    {len(m.pieces)}; program: {len(m.program)} steps, {len(m.switches())} gates")
-    print(f"policies  {', '.join(sorted(m.policies)) or 'none'}")
+    if not m.switches():
+        print(f"path      one (no gates): {m.policy_flops('static') / 1e9:.4f} GFLOPs per clip")
+    else:
+        print(f"policies  {', '.join(sorted(m.policies)) or 'none'}")
     for name in sorted(m.policies):
         print(f"  {name:<12} {m.policy_flops(name) / 1e9:.4f} GFLOPs per clip")
     return 0
