@@ -6,7 +6,10 @@ Configurations (names as ``adaedge bench --json`` prints them):
 * ``all-half``, ``all-stride2``, ``cheapest``: the bundle's forced policies of those names;
 * ``free``: the gates choose.
 
-A bundle without gates has only ``static``, its one path.
+A bundle without gates has only ``static``, its one path. A bundle with exit steps (AdaFocusV3)
+has ``all-cubes`` (no exit taken), ``budget-<GFLOPs>`` for each threshold set stored in it, and
+``random-exit-<GFLOPs>``: each clip leaves at a random stage, with the exit proportions its budget
+showed on the same clips (what the thresholds' choice of *which* clips leave is worth).
 
 Each repetition runs every configuration once, in a shuffled order, on the same clips, so that
 drifts of a noisy machine fall on all of them alike. Realisation is the share of the FLOP saving
@@ -35,11 +38,13 @@ DEFAULT_CONFIGS = ("static", "all-half", "all-stride2", "cheapest", "free")
 
 @dataclass
 class Config:
-    """One thing to time: a runtime and the policy it runs under."""
+    """One thing to time: a runtime, the policy it runs under, and other ``classify`` arguments
+    (``exit_at`` may hold one exit name per benchmark clip)."""
 
     name: str
     runtime: Runtime
     force: Force = None
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,10 +89,44 @@ def realization(t_policy: float, t_static: float, f_policy: float, f_static: flo
     return (1.0 - t_policy / t_static) / saved
 
 
+def exit_budgets(runtime: Runtime) -> List[str]:
+    """The budgets whose thresholds every exit step holds ('default' aside), cheapest first."""
+    steps = [s for s in runtime.manifest.program if s["op"] == "exit"]
+    if not steps:
+        return []
+    keys = set.intersection(*(set(s.get("thresholds", {})) for s in steps)) - {"default"}
+
+    def as_number(k: str) -> float:
+        try:
+            return float(k)
+        except ValueError:
+            return float("inf")
+    return sorted(keys, key=lambda k: (as_number(k), k))
+
+
+def exit_configs(runtime: Runtime, clips: np.ndarray, seed: int = 0,
+                 budgets: Optional[Sequence[str]] = None) -> List[Config]:
+    """``all-cubes``, then ``budget-<key>`` and ``random-exit-<key>`` for each stored budget.
+
+    The random exits are drawn once: the budget's run on ``clips`` gives how many clips leave at
+    each stage, and those counts are dealt to the clips in a random order.
+    """
+    configs = [Config("all-cubes", runtime, None, {"exits": False})]
+    rng = np.random.default_rng(seed)
+    for key in (budgets if budgets is not None else exit_budgets(runtime)):
+        result = runtime.classify(clips, budget=key)
+        stops = np.array([t.exit for t in result.traces], dtype=object)
+        configs.append(Config(f"budget-{key}", runtime, None, {"budget": key}))
+        configs.append(Config(f"random-exit-{key}", runtime, None,
+                              {"exit_at": list(stops[rng.permutation(len(stops))])}))
+    return configs
+
+
 def standard_configs(runtime: Runtime, names: Sequence[str] = DEFAULT_CONFIGS) -> List[Config]:
     """The named configurations a bundle supports (policies it lacks are skipped, static first).
 
-    A bundle without gates (TAda2D) has one configuration, ``static``: its only path.
+    A bundle without gates (TAda2D) has one configuration, ``static``: its only path. (Bundles
+    with exit steps: :func:`exit_configs`.)
     """
     if not runtime.manifest.switches():
         return [Config("static", runtime, None)]
@@ -101,13 +140,22 @@ def standard_configs(runtime: Runtime, names: Sequence[str] = DEFAULT_CONFIGS) -
 
 
 def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, warmup: int = 2,
-                seed: int = 0, reference: str = "static", progress: Progress = None) -> BenchReport:
-    """Time each configuration ``reps`` times, interleaved; realisation against ``reference``."""
+                seed: int = 0, reference: str = "static", progress: Progress = None,
+                batch: Optional[int] = None) -> BenchReport:
+    """Time each configuration ``reps`` times, interleaved; realisation against ``reference``.
+
+    One repetition of a configuration runs all ``clips`` in calls of ``batch`` clips (default:
+    all at once); times and FLOPs are per clip, averaged over the clips.
+    """
     if not configs:
         raise ValueError("nothing to benchmark")
     if reps < 1 or warmup < 0:
         raise ValueError("reps must be >= 1 and warmup >= 0")
-    batch = int(clips.shape[0])
+    total_clips = int(clips.shape[0])
+    batch = int(batch or total_clips)
+    if not 1 <= batch <= total_clips:
+        raise ValueError(f"batch {batch} must be between 1 and the {total_clips} clips")
+    chunks = [slice(i, min(i + batch, total_clips)) for i in range(0, total_clips, batch)]
     order = list(range(len(configs)))
     rng = random.Random(seed)
     times: Dict[int, List[float]] = {i: [] for i in order}
@@ -118,18 +166,25 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
         rng.shuffle(order)
         for i in order:
             cfg = configs[i]
-            t0 = time.perf_counter()
-            result = cfg.runtime.classify(clips, force=cfg.force)
-            elapsed = time.perf_counter() - t0
+            spent = 0
+            elapsed = 0.0
+            for chunk in chunks:
+                options = dict(cfg.options)
+                if "exit_at" in options and not isinstance(options["exit_at"], str):
+                    options["exit_at"] = list(options["exit_at"])[chunk]
+                t0 = time.perf_counter()
+                result = cfg.runtime.classify(clips[chunk], force=cfg.force, **options)
+                elapsed += time.perf_counter() - t0
+                spent += sum(t.flops for t in result.traces)
             if rep >= warmup:
                 times[i].append(elapsed)
-            flops[i] = float(np.mean([t.flops for t in result.traces]))
+            flops[i] = spent / total_clips
             done += 1
             if progress:
                 progress(done, total, cfg.name)
     results = []
     for i, cfg in enumerate(configs):
-        per_clip = np.asarray(times[i]) * 1e3 / batch
+        per_clip = np.asarray(times[i]) * 1e3 / total_clips
         med = float(np.median(per_clip))
         results.append(ConfigResult(cfg.name, flops[i] / 1e9, med,
                                     float(np.percentile(per_clip, 90)), 1e3 / med,
@@ -166,13 +221,28 @@ def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal([batch] + runtime.manifest.clip_shape).astype(np.float32)
 
 
+def has_exits(runtime: Runtime) -> bool:
+    return any(s["op"] == "exit" for s in runtime.manifest.program)
+
+
 def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
           configs: Sequence[str] = DEFAULT_CONFIGS, seed: int = 0,
-          clips: Optional[np.ndarray] = None, progress: Progress = None) -> BenchReport:
-    """Benchmark a runtime's standard configurations (see the module docstring)."""
-    x = clips if clips is not None else random_clips(runtime, batch, seed)
-    report = run_configs(standard_configs(runtime, configs), runtime.check_clips(x), reps, warmup,
-                         seed, progress=progress)
+          clips: Optional[np.ndarray] = None, progress: Progress = None,
+          budgets: Optional[Sequence[str]] = None) -> BenchReport:
+    """Benchmark a runtime's standard configurations (see the module docstring).
+
+    ``clips`` (default: ``batch`` random clips) are run in calls of ``batch``. Bundles with exits
+    should be given real clips: how many clips leave early depends on them.
+    """
+    x = runtime.check_clips(clips if clips is not None else random_clips(runtime, batch, seed))
+    if has_exits(runtime):
+        chosen = exit_configs(runtime, x, seed, budgets)
+        reference = "all-cubes"
+    else:
+        chosen = standard_configs(runtime, configs)
+        reference = "static"
+    report = run_configs(chosen, x, reps, warmup, seed, reference=reference, progress=progress,
+                         batch=batch)
     report.meta["backend"] = runtime.backend.name
     return report
 
@@ -189,4 +259,5 @@ def format_table(report: BenchReport) -> str:
 
 
 __all__ = ["bench", "run_configs", "Config", "ConfigResult", "BenchReport", "realization",
-           "standard_configs", "format_table", "random_clips", "DEFAULT_CONFIGS"]
+           "standard_configs", "exit_configs", "exit_budgets", "format_table", "random_clips",
+           "DEFAULT_CONFIGS"]

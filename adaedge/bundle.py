@@ -130,6 +130,11 @@ class Manifest:
         return flops
 
 
+def budget_key(gflops: Union[float, str]) -> str:
+    """The name an exit step stores a budget's threshold under: GFLOPs as ``format(x, "g")``."""
+    return gflops if isinstance(gflops, str) else format(float(gflops), "g")
+
+
 # ---------------------------------------------------------------------------------------------
 # safe paths
 

@@ -167,13 +167,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runtime import load
     options = {"threads": args.threads} if args.threads else {}
     runtime = load(args.bundle, args.backend, **options)
+    clips = None
+    if args.data:
+        from .calibration.exits import load_data
+        clips, _ = load_data(args.data, runtime)
+        if args.batch > len(clips):
+            raise UsageError(f"--batch {args.batch} is more than the {len(clips)} clips of --data")
     report = bench(runtime, batch=args.batch, reps=args.reps, warmup=args.warmup,
-                   seed=args.seed, progress=ProgressBar("bench", not (args.quiet or args.json)))
+                   seed=args.seed, clips=clips, budgets=args.budget or None,
+                   progress=ProgressBar("bench", not (args.quiet or args.json)))
     report.meta["threads"] = getattr(runtime.backend, "threads", None)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
         print(format_table(report))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration.exits import calibrate_exits, load_data
+    from .runtime import load
+    if args.what != "exits":
+        raise UsageError(f"unknown calibration {args.what!r} (known: exits)")
+    runtime = load(args.bundle)
+    clips, labels = load_data(args.data, runtime)
+    report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
+                             default=args.default,
+                             progress=ProgressBar("calibrate", not (args.quiet or args.json)))
+    if args.plot:
+        from .plot import budget_curve
+        budget_curve(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    print(f"{report.clips} clips, criterion {report.criterion}; stages (cumulative GFLOPs, top-1 "
+          "if every clip stopped there):")
+    for name, g, a in zip(report.stages, report.stage_gflops, report.stage_accuracy):
+        print(f"  {name:<8} {g:9.5f} GFLOPs  {a:.3f}")
+    print("budget      GFLOPs   top-1   exit proportions")
+    for sol in report.solutions:
+        props = " ".join(f"{p:.2f}" for p in sol.proportions)
+        print(f"  {sol.budget:<9g} {sol.gflops:8.5f}  {sol.accuracy:.3f}   {props}")
+    print(f"thresholds written to {args.bundle}/manifest.json"
+          + (f"; curve plotted to {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -194,8 +230,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    rest = list(args.train_args)
+    model = "vared_r2plus1d_18"
+    if "--model" in rest:
+        i = rest.index("--model")
+        if i + 1 >= len(rest):
+            raise UsageError("--model needs a name: vared_r2plus1d_18 or adafocus_v3")
+        model = rest[i + 1]
+        del rest[i:i + 2]
+    if model == "adafocus_v3":
+        from .train_focus import main as focus_main
+        return focus_main(rest)
+    if model != "vared_r2plus1d_18":
+        raise UsageError(f"adaedge trains vared_r2plus1d_18 and adafocus_v3, not {model!r}")
     from .train import main as train_main
-    return train_main(args.train_args)
+    return train_main(rest)
 
 
 class UsageError(Exception):
@@ -205,8 +254,10 @@ class UsageError(Exception):
 def _known_errors() -> tuple:
     from .bundle import BundleError
     from .runtime.backends import BackendUnavailable
+    from .calibration.exits import CalibrationError
     from .runtime.program import InputError
-    errors: List[type] = [BundleError, BackendUnavailable, InputError, UsageError, FileNotFoundError]
+    errors: List[type] = [BundleError, BackendUnavailable, InputError, UsageError, FileNotFoundError,
+                          CalibrationError]
     try:
         from .demo import SourceError
         errors.append(SourceError)
@@ -286,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     sp = add("bench", cmd_bench, "time the static network, all-half, all-stride2, cheapest and "
-             "free gates, interleaved in one process; realisation = share of the FLOP saving "
-             "that became time")
+             "free gates (or, for a bundle with exits: all-cubes, budget-<GFLOPs> and "
+             "random-exit-<GFLOPs>), interleaved in one process; realisation = share of the "
+             "FLOP saving that became time")
     sp.add_argument("bundle")
-    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--batch", type=int, default=1, help="clips per call (default 1)")
+    sp.add_argument("--data", help="clips to time: motion[:split[:count]] or an .npz with "
+                                   "'clips' (default: --batch random clips). Bundles with exits "
+                                   "need real clips: which clips leave early depends on them")
+    sp.add_argument("--budget", action="append", default=[],
+                    help="time only these stored budgets (repeatable; default: all)")
     sp.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--seed", type=int, default=0)
@@ -298,6 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
                          '"clips_per_s", "realization"}], ...}')
+
+    sp = add("calibrate", cmd_calibrate, "calibrate a bundle on held-out data: 'exits' solves "
+             "the exit thresholds for each compute budget and stores them in the bundle")
+    sp.add_argument("what", choices=["exits"])
+    sp.add_argument("bundle")
+    sp.add_argument("--data", required=True,
+                    help="held-out clips: motion[:split[:count]] (the procedural set; default "
+                         "split val) or an .npz with normalised 'clips' and integer 'labels'")
+    sp.add_argument("--budget", type=float, action="append", required=True,
+                    help="mean GFLOPs per clip to meet (repeatable: one threshold set each)")
+    sp.add_argument("--criterion", choices=["entropy", "max_prob"], default="entropy",
+                    help="exit when the softmax entropy is at or under the threshold (default) "
+                         "or the max probability at or over it")
+    sp.add_argument("--default", type=float,
+                    help="also store this budget's thresholds as the bundle's default")
+    sp.add_argument("--plot", help="draw accuracy against GFLOPs to this PNG")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add("demo", cmd_demo, "classify a camera or video file live with a bundle: capture never "
              "waits for inference; the overlay shows the label, the branch of every gate, GFLOPs "
@@ -319,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-frames", type=int, help="stop after N frames")
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
-    sp = sub.add_parser("train", help="train the small VA-RED² demo model on procedural motion "
-                        "clips (see 'adaedge train --help')", add_help=False)
+    sp = sub.add_parser("train", help="train a small model on procedural motion clips: the VA-RED² "
+                        "demo model (default) or '--model adafocus_v3' (see 'adaedge train "
+                        "[--model adafocus_v3] --help')", add_help=False)
     sp.set_defaults(func=cmd_train)
     sp.add_argument("train_args", nargs=argparse.REMAINDER)
     return p
@@ -328,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:   # everything after 'train' belongs to the trainer's own parser
+        args = argparse.Namespace(func=cmd_train, train_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if getattr(args, "batch", 1) is not None and getattr(args, "batch", 1) < 1:
         parser.error("--batch must be at least 1")
     try:

@@ -4,6 +4,8 @@ Cases: free gates, then every branch forced at every gate in turn (branch 0 ever
 everywhere, ...), so every piece of the bundle runs; a bundle without gates (TAda2D) has one case.
 Each program value (the output of every unit) is compared in program order; the first that differs
 names the piece that produced it. With free gates the branch each gate chose must match too.
+A bundle with exit steps (AdaFocusV3) adds one case per exit: every clip stops there, and its
+scores must match the reference's prediction at that stage.
 
 Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4.
 """
@@ -169,11 +171,38 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     for i in range(n_branches):
         cases.append((f"every gate forced to branch {i} ({names[i]['name'] if i < len(names) else i})",
                       i))
+    exits = [s["name"] for s in b.manifest.program if s["op"] == "exit"]
     report = Report(str(bundle), rtol, clips)
+    total = len(cases) + len(exits)
     for k, (name, force) in enumerate(cases):
         if progress:
-            progress(k, len(cases), name)
+            progress(k, total, name)
         report.cases.append(compare(runtime, model, x, force, name, rtol))
+    for k, exit_name in enumerate(exits):
+        if progress:
+            progress(len(cases) + k, total, exit_name)
+        report.cases.append(compare_exit(runtime, model, x, exit_name, k, rtol))
     if progress:
-        progress(len(cases), len(cases), "done")
+        progress(total, total, "done")
     return report
+
+
+def compare_exit(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray, exit_name: str,
+                 index: int, rtol: float = RTOL) -> CaseResult:
+    """Every clip stopped at exit step ``exit_name``: its scores against the reference's
+    prediction at that stage (``model.stage_logits(clips)[index]``)."""
+    name = f"every clip exits at {exit_name}"
+    stage_logits = getattr(model, "stage_logits", None)
+    if stage_logits is None:
+        return CaseResult(name, False, 0.0, f"the reference {type(model).__name__} has no "
+                          "stage_logits to compare exit stages with")
+    with torch.no_grad():
+        ref = stage_logits(torch.from_numpy(clips))[index].numpy().astype(np.float64)
+    result = runtime.classify(clips, exit_at=exit_name)
+    err = _rel(result.scores, ref)
+    if any(t.exit != exit_name for t in result.traces):
+        return CaseResult(name, False, err, f"clips did not stop at {exit_name}")
+    if not err <= rtol:
+        return CaseResult(name, False, err, f"scores at {exit_name} differ: relative error "
+                          f"{err:.3g} > {rtol:g}")
+    return CaseResult(name, True, err)

@@ -26,7 +26,8 @@ KINETICS_MEAN = [0.43216, 0.394666, 0.37645]
 KINETICS_STD = [0.22803, 0.22145, 0.216989]
 
 Progress = Optional[Callable[[int, int, str], None]]
-EXECUTIONS = {"vared": ("dynamic", "masked"), "tada": ("calibrated", "official", "uncalibrated")}
+EXECUTIONS = {"vared": ("dynamic", "masked"), "tada": ("calibrated", "official", "uncalibrated"),
+              "adafocus": ("stages",)}
 
 
 class ExportError(ValueError):
@@ -40,6 +41,11 @@ def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: Opti
         if options:
             raise ExportError(f"VA-RED² export takes no options ({', '.join(options)})")
         return export_vared(model, frames, size, execution or "dynamic", progress)
+    if fam == "adafocus":
+        from .adafocus import export_adafocus
+        if options:
+            raise ExportError(f"AdaFocusV3 export takes no options ({', '.join(options)})")
+        return export_adafocus(model, frames, size, execution, progress)
     if fam == "tada":
         from .tada import export_tada
         return export_tada(model, frames, size, execution, progress, **options)

@@ -51,7 +51,8 @@ class Graph:
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
         name = self._fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
+        self.initializers.append(numpy_helper.from_array(arr.copy(order="C"), name))
         return name
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: Optional[str] = None,

@@ -14,11 +14,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .adafocus_v3 import AdaFocusV3, adafocus_v3
 from .tada2d import TAda2D, config_from_official, tada2d
 from .vared_r2plus1d import VaRedR2Plus1D, vared_r2plus1d_18
 
 __all__ = ["create", "available", "register", "load_checkpoint", "save_checkpoint", "load_model",
-           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "model_name", "model_config"]
+           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "model_name", "model_config"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: Dict[str, str] = {}
@@ -187,3 +188,4 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
 
 register("vared_r2plus1d_18", vared_r2plus1d_18, family="vared")
 register("tada2d", tada2d, family="tada")
+register("adafocus_v3", adafocus_v3, family="adafocus")

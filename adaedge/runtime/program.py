@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError, Manifest
+from ..bundle import Bundle, BundleError, Manifest, budget_key
 from .backends import Backend, Executable, create_backend
 
 Force = Union[None, str, int, Mapping[str, int]]
@@ -171,18 +171,28 @@ class Runtime:
             tr.steps.append(StepRecord(step, piece, ms, len(rows)))
         return out
 
-    def classify(self, clips: Any, force: Force = None, budget: Optional[str] = None,
-                 exit_at: Optional[str] = None, keep_values: bool = False,
-                 state: Optional[Mapping[str, np.ndarray]] = None) -> Result:
+    def classify(self, clips: Any, force: Force = None, budget: Union[str, float, None] = None,
+                 exit_at: Union[str, Sequence[Optional[str]], None] = None,
+                 keep_values: bool = False,
+                 state: Optional[Mapping[str, np.ndarray]] = None, exits: bool = True) -> Result:
         """Scores and a trace per clip for a batch of clips (N, C, T, H, W).
 
         ``force`` fixes the branches (a policy name from the manifest, one branch index for every
-        switch, or {switch: index}); ``budget`` picks the exit thresholds stored under that name;
-        ``exit_at`` stops every clip at the named exit step (for verification); ``state`` is the
-        carried state of a stream (default: zeros).
+        switch, or {switch: index}); ``budget`` picks the exit thresholds stored under that name
+        (a number of GFLOPs is looked up as ``budget_key(gflops)``); ``exit_at`` stops every clip
+        at the named exit step, or each clip at its own (a sequence of names, None for no exit);
+        ``state`` is the carried state of a stream (default: zeros); ``exits=False`` takes no
+        exit (every clip runs the whole program) unless ``exit_at`` says otherwise.
         """
         x = self.check_clips(clips)
         n = x.shape[0]
+        if budget is not None:
+            budget = budget_key(budget)
+        per_clip_exit: Optional[np.ndarray] = None
+        if exit_at is not None and not isinstance(exit_at, str):
+            per_clip_exit = np.asarray(list(exit_at), dtype=object)
+            if per_clip_exit.shape != (n,):
+                raise InputError(f"exit_at holds {per_clip_exit.shape[0]} names for {n} clips")
         forced = self.resolve_force(force)
         m = self.manifest
         values: Dict[str, np.ndarray] = {m.input["name"]: x}
@@ -249,8 +259,12 @@ class Runtime:
                 store(step["outputs"], outs)
             elif op == "exit":
                 scores = values[step["scores"]]
-                if exit_at is not None:
+                if per_clip_exit is not None:
+                    done = per_clip_exit[active] == name
+                elif exit_at is not None:
                     done = np.full(len(active), exit_at == name)
+                elif not exits:
+                    continue
                 else:
                     thresholds = step.get("thresholds", {})
                     key = budget if budget is not None else "default"

@@ -1,0 +1,288 @@
+"""Exit thresholds under a compute budget, solved on held-out data and stored in the bundle.
+
+A bundle with ``exit`` steps (AdaFocusV3) predicts after every stage; a clip stops at the first exit
+whose criterion holds (softmax entropy at or under the threshold, or max probability at or over it).
+One trained model then serves many budgets: :func:`calibrate_exits` runs the calibration clips
+through every stage once, and for each budget (mean GFLOPs per clip) searches the exit proportions
+``p_k ∝ q^k`` (MSDNet's and AdaFocus's scheme, ``q`` on a log grid): for each ``q`` the thresholds
+let the surest ``p_k`` share of the remaining clips out at stage ``k``; the candidate with the best
+accuracy whose mean cost is within the budget wins. Its thresholds go into every exit step under
+the budget's key (``format(gflops, "g")``), which ``Runtime.classify(budget=...)`` and
+``adaedge bench`` then pick.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..bundle import CRITERIA, budget_key, write_manifest
+from ..bundle import load as load_bundle
+from ..runtime import load as load_runtime
+from ..runtime.program import Runtime, exit_measure
+
+Progress = Optional[Callable[[int, int, str], None]]
+NEVER = {"entropy": -1.0, "max_prob": 2.0}   # thresholds no clip meets
+
+
+class CalibrationError(ValueError):
+    """Calibration that cannot be done as asked (budget out of reach, data that does not fit)."""
+
+
+@dataclass
+class Solution:
+    budget: float                     # GFLOPs per clip asked for
+    thresholds: Dict[str, float]      # exit step name -> threshold (the criterion's units)
+    accuracy: float                   # on the calibration clips
+    gflops: float                     # mean per clip on the calibration clips
+    proportions: List[float]          # share of clips leaving at each stage (exits, then the end)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"budget": self.budget, "key": budget_key(self.budget),
+                "thresholds": self.thresholds, "accuracy": round(self.accuracy, 4),
+                "gflops": round(self.gflops, 6), "proportions": [round(p, 4) for p in self.proportions]}
+
+
+@dataclass
+class Report:
+    criterion: str
+    clips: int
+    stages: List[str]                 # exit names, then "all"
+    stage_gflops: List[float]         # cumulative cost of stopping at each stage
+    stage_accuracy: List[float]
+    solutions: List[Solution] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"criterion": self.criterion, "clips": self.clips, "stages": self.stages,
+                "stage_gflops": [round(g, 6) for g in self.stage_gflops],
+                "stage_accuracy": [round(a, 4) for a in self.stage_accuracy],
+                "solutions": [s.to_json() for s in self.solutions]}
+
+
+def exit_names(runtime: Runtime) -> List[str]:
+    return [s["name"] for s in runtime.manifest.program if s["op"] == "exit"]
+
+
+def stage_outputs(runtime: Runtime, clips: np.ndarray, batch: int = 64,
+                  progress: Progress = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores at every stage (S, N, classes) and the cumulative cost of each stage (S,) in FLOPs.
+
+    Stage k < S-1 is stopping at the k-th exit step; the last is running the whole program.
+    """
+    names: List[Optional[str]] = [*exit_names(runtime), None]
+    if len(names) < 2:
+        raise CalibrationError("this bundle has no exit steps to calibrate")
+    scores: List[List[np.ndarray]] = [[] for _ in names]
+    costs = np.zeros(len(names))
+    n = len(clips)
+    steps = len(names) * ((n + batch - 1) // batch)
+    done = 0
+    for k, name in enumerate(names):
+        for start in range(0, n, batch):
+            result = runtime.classify(clips[start:start + batch], exit_at=name)
+            scores[k].append(result.scores)
+            costs[k] = result.traces[0].flops
+            done += 1
+            if progress:
+                progress(done, steps, name or "all stages")
+    return np.stack([np.concatenate(s) for s in scores]), costs
+
+
+def _evaluate(conf: np.ndarray, correct: np.ndarray, costs: np.ndarray,
+              thresholds: np.ndarray) -> Tuple[float, float, np.ndarray]:
+    """Accuracy, mean cost and exit proportions when a clip leaves at the first stage k with
+    conf[k] >= thresholds[k] (the last stage takes every clip left)."""
+    s, n = correct.shape
+    stage = np.full(n, s - 1)
+    left = np.ones(n, bool)
+    for k in range(s - 1):
+        out = left & (conf[k] >= thresholds[k])
+        stage[out] = k
+        left &= ~out
+    acc = float(correct[stage, np.arange(n)].mean())
+    return acc, float(costs[stage].mean()), np.bincount(stage, minlength=s) / n
+
+
+def _thresholds_for(conf: np.ndarray, proportions: np.ndarray) -> np.ndarray:
+    """Thresholds that let the surest ``proportions[k]`` of all clips out at stage k, in order."""
+    s_exits, n = conf.shape
+    thresholds = np.full(s_exits, np.inf)
+    taken = np.zeros(n, bool)
+    for k in range(s_exits):
+        count = int(np.floor(n * proportions[k]))
+        if count <= 0:
+            continue
+        order = np.argsort(-conf[k], kind="stable")
+        remaining = order[~taken[order]]
+        if len(remaining) == 0:
+            break
+        chosen = remaining[:count]
+        thresholds[k] = conf[k][chosen[-1]]
+        taken[chosen] = True
+    return thresholds
+
+
+def solve(scores: np.ndarray, labels: np.ndarray, costs: np.ndarray, budget_flops: float,
+          criterion: str = "entropy", grid: int = 241) -> Tuple[np.ndarray, float, float, np.ndarray]:
+    """Thresholds (in confidence units: max prob, or minus entropy) for the exits under a budget.
+
+    Returns ``(thresholds, accuracy, mean_cost, proportions)``.
+    """
+    if criterion not in CRITERIA:
+        raise CalibrationError(f"criterion must be one of {', '.join(CRITERIA)}")
+    if budget_flops < costs[0] * (1 - 1e-9):
+        raise CalibrationError(f"a budget of {budget_flops / 1e9:g} GFLOPs is below the first "
+                               f"stage's own cost ({costs[0] / 1e9:g} GFLOPs per clip): no "
+                               "threshold can meet it")
+    s = scores.shape[0]
+    measures = np.stack([exit_measure(scores[k], criterion) for k in range(s - 1)])
+    conf = -measures if criterion == "entropy" else measures
+    correct = scores.argmax(axis=2) == labels[None, :]
+    best: Optional[Tuple[float, float, np.ndarray, np.ndarray]] = None
+    candidates = [np.eye(s)[0]]   # everything leaves at the first exit: the cheapest
+    for q in np.geomspace(1e-3, 1e3, grid):
+        p = q ** np.arange(s, dtype=np.float64)
+        candidates.append(p / p.sum())
+    for p in candidates:
+        thr = _thresholds_for(conf, p)
+        acc, cost, props = _evaluate(conf, correct, costs, thr)
+        if cost > budget_flops * (1 + 1e-9):
+            continue
+        if best is None or acc > best[0] + 1e-12 or (abs(acc - best[0]) <= 1e-12 and cost < best[1]):
+            best = (acc, cost, thr, props)
+    assert best is not None  # the first candidate costs costs[0] <= budget
+    acc, cost, thr, props = best
+    return thr, acc, cost, props
+
+
+def _to_manifest(threshold: float, criterion: str) -> float:
+    if not np.isfinite(threshold):
+        return NEVER[criterion]
+    return float(-threshold if criterion == "entropy" else threshold)
+
+
+def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndarray,
+                    budgets: Sequence[float], criterion: str = "entropy",
+                    default: Optional[float] = None, backend: str = "onnxruntime",
+                    batch: int = 64, write: bool = True, progress: Progress = None,
+                    **backend_options: Any) -> Report:
+    """Solve thresholds for each budget (GFLOPs per clip) and store them in the bundle.
+
+    ``clips`` are normalised (N, C, T, H, W) as the bundle's input, ``labels`` (N,) class indices.
+    A different ``criterion`` than the bundle's replaces the thresholds stored before; the same one
+    adds to them (a budget solved again is replaced). ``default`` also stores that budget's
+    thresholds as ``default``, which ``classify`` uses when no budget is named.
+    """
+    if not budgets:
+        raise CalibrationError("give at least one budget (GFLOPs per clip)")
+    b = load_bundle(bundle)
+    runtime = load_runtime(b, backend, **backend_options)
+    x = check_data(runtime, clips, labels)
+    y = np.asarray(labels, dtype=np.int64)
+    scores, costs = stage_outputs(runtime, x, batch, progress)
+    correct = scores.argmax(axis=2) == y[None, :]
+    names = exit_names(runtime)
+    report = Report(criterion, len(y), [*names, "all"], [c / 1e9 for c in costs],
+                    [float(c.mean()) for c in correct])
+    for budget in budgets:
+        thr, acc, cost, props = solve(scores, y, costs, float(budget) * 1e9, criterion)
+        report.solutions.append(Solution(
+            float(budget), {n: _to_manifest(t, criterion) for n, t in zip(names, thr)},
+            acc, cost / 1e9, [float(p) for p in props]))
+    if default is not None and all(abs(s.budget - default) > 1e-12 for s in report.solutions):
+        raise CalibrationError(f"the default budget {default:g} is not one of the budgets solved")
+    if write:
+        manifest = b.manifest
+        for step in manifest.program:
+            if step["op"] != "exit":
+                continue
+            if step.get("criterion") != criterion:
+                step["criterion"] = criterion
+                step["thresholds"] = {}
+            thresholds = dict(step.get("thresholds") or {})
+            for sol in report.solutions:
+                thresholds[budget_key(sol.budget)] = sol.thresholds[step["name"]]
+                if default is not None and abs(sol.budget - default) <= 1e-12:
+                    thresholds["default"] = sol.thresholds[step["name"]]
+            step["thresholds"] = thresholds
+        write_manifest(b.root, manifest)
+    return report
+
+
+def check_data(runtime: Runtime, clips: Any, labels: Any) -> np.ndarray:
+    """Calibration clips as the bundle takes them, with labels in its class range."""
+    arr = np.asarray(clips)
+    expected = runtime.manifest.clip_shape
+    if arr.ndim != 5 or list(arr.shape[1:]) != expected:
+        raise CalibrationError(f"calibration clips of shape {tuple(arr.shape)} do not match the "
+                               f"bundle's input (N, {', '.join(map(str, expected))})")
+    y = np.asarray(labels)
+    if y.shape != (arr.shape[0],) or y.dtype.kind not in "iu":
+        raise CalibrationError(f"labels must be one integer per clip ({arr.shape[0]}), got "
+                               f"{y.dtype} of shape {y.shape}")
+    n_classes = runtime.manifest.model.get("config", {}).get("num_classes")
+    if isinstance(n_classes, int) and len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise CalibrationError(f"labels must lie in 0..{n_classes - 1}")
+    if len(y) < 10:
+        raise CalibrationError(f"{len(y)} clips are too few to calibrate on (at least 10)")
+    return runtime.check_clips(arr)
+
+
+def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
+                     budgets: Sequence[Optional[str]], batch: int = 64) -> List[Dict[str, Any]]:
+    """Top-1 and mean GFLOPs per clip when the runtime runs under each budget (None: all stages)."""
+    y = np.asarray(labels)
+    out = []
+    for budget in budgets:
+        preds, flops, exits = [], [], []
+        for start in range(0, len(y), batch):
+            r = runtime.classify(clips[start:start + batch], budget=budget)
+            preds.append(r.labels)
+            flops += [t.flops for t in r.traces]
+            exits += [t.exit or "all" for t in r.traces]
+        names, counts = np.unique(exits, return_counts=True)
+        out.append({"budget": budget or "all-cubes",
+                    "accuracy": float((np.concatenate(preds) == y).mean()),
+                    "gflops": float(np.mean(flops) / 1e9),
+                    "exits": {str(k): int(c) for k, c in zip(names, counts)}})
+    return out
+
+
+def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
+    """Calibration data: ``motion[:split[:count]]`` (the procedural set, normalised with the
+    bundle's mean and std) or an ``.npz`` file with normalised ``clips`` and integer ``labels``."""
+    if spec.startswith("motion"):
+        from ..data import MotionDataset
+        parts = spec.split(":")
+        split = parts[1] if len(parts) > 1 and parts[1] else "val"
+        try:
+            count = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise CalibrationError(f"bad data spec {spec!r}: the count must be an integer") from None
+        _, t, h, w = runtime.manifest.clip_shape
+        if h != w:
+            raise CalibrationError("the procedural data set has square clips only")
+        ds = MotionDataset(split, frames=t, size=h)
+        clips, labels = ds.arrays(0, min(count, len(ds)) if count else 0)
+        mean = np.asarray(runtime.manifest.input["mean"], np.float32).reshape(1, -1, 1, 1, 1)
+        std = np.asarray(runtime.manifest.input["std"], np.float32).reshape(1, -1, 1, 1, 1)
+        return (clips - mean) / std, labels
+    path = Path(spec)
+    if not path.is_file():
+        raise CalibrationError(f"calibration data {spec!r} is neither 'motion[:split[:count]]' "
+                               "nor an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return np.asarray(f["clips"]), np.asarray(f["labels"])
+    except (KeyError, ValueError, OSError) as e:
+        raise CalibrationError(f"cannot read {path}: it must be an .npz with 'clips' and 'labels' "
+                               f"({type(e).__name__}: {e})") from None
+
+
+__all__ = ["calibrate_exits", "solve", "stage_outputs", "evaluate_budgets", "load_data",
+           "budget_key", "CalibrationError", "Report", "Solution"]
