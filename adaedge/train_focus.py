@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ def train_focus(out: str, minutes: float = 8.0, train_clips: int = 12000, batch:
                 run[:] = 0
 
 
-def evaluate_focus(model: torch.nn.Module, budgets_fraction: Sequence[float] = (0.35, 0.5, 0.7),
+def evaluate_focus(model: torch.nn.Module,
+                   budgets_fraction: Sequence[float] = (0.01, 0.03, 0.08, 0.25),
                    val_clips: int = 1000, test_clips: int = 1000,
                    log: Log = print) -> Dict[str, Any]:
     """Export, calibrate exits on val for budgets between the glance's and all cubes' cost, and
@@ -139,16 +140,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="do not train: evaluate the checkpoint at --out and rewrite its card")
     args = p.parse_args(argv)
     log: Log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    model = train_focus(args.out, args.minutes, args.train_clips, args.batch, args.lr, args.seed,
-                        log=log)
+    if args.evaluate_only:
+        model = models.load_model(args.out).eval()
+    else:
+        model = train_focus(args.out, args.minutes, args.train_clips, args.batch, args.lr,
+                            args.seed, log=log)
     result = evaluate_focus(model, log=log)
-    models.save_checkpoint(model, args.out, extra={"labels": list(CLASSES), "evaluation": {
-        "rows": result["rows"], "glance_gflops": result["glance_gflops"],
-        "all_gflops": result["all_gflops"]}})
     command = "adaedge train --model adafocus_v3 " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[3:]))
+    if args.evaluate_only:
+        _, meta = models.read_checkpoint(args.out)
+        command = str(meta.get("command", command))
+    models.save_checkpoint(model, args.out, extra={"labels": list(CLASSES), "command": command,
+                                                   "evaluation": {
+        "rows": result["rows"], "glance_gflops": result["glance_gflops"],
+        "all_gflops": result["all_gflops"]}})
     card = Path(str(args.out)).with_suffix(".md")
     write_card(card, model, result, command)
     print(f"wrote {args.out} and {card}")

@@ -57,36 +57,69 @@ def linear(g: Graph, x: str, fc: Any, bn: Any = None,
     return g.op("Gemm", x, g.const(w, "w"), g.const(b, "b"), transB=1)
 
 
-def mobilenet(g: Graph, x: str, features: nn.Sequential) -> str:
+def temporal_shift(g: Graph, x: str, frames: int, shape: Tuple[int, int, int]) -> str:
+    """TSM's shift of (N*T, C, H, W) as the reference (:func:`adaedge.models.adafocus_v3.temporal_shift`)."""
+    c, h, w = shape
+    fold = c // 8
+    v = g.op("Reshape", x, g.const([-1, frames, c, h, w], "shape", "int64"))
+
+    def part(t0: int, t1: int, c0: int, c1: int) -> str:
+        return g.op("Slice", v, g.const([t0, c0], "s", "int64"), g.const([t1, c1], "e", "int64"),
+                    g.const([1, 2], "a", "int64"))
+
+    past = g.op("Pad", part(0, frames - 1, 0, fold),
+                g.const([0, 1, 0, 0, 0, 0, 0, 0, 0, 0], "pads", "int64"))
+    future = g.op("Pad", part(1, frames, fold, 2 * fold),
+                  g.const([0, 0, 0, 0, 0, 0, 1, 0, 0, 0], "pads", "int64"))
+    out = g.op("Concat", past, future, part(0, frames, 2 * fold, c), axis=2)
+    return g.op("Reshape", out, g.const([-1, c, h, w], "shape", "int64"))
+
+
+def mobilenet(g: Graph, x: str, features: nn.Sequential, size: int) -> str:
+    h = size
     for layer in features:
         if isinstance(layer, ConvBNReLU):
             x = conv_bn(g, x, layer[0], layer[1], "relu6")
+            h = (h + 2 * layer[0].padding[0] - layer[0].kernel_size[0]) // layer[0].stride[0] + 1
         elif isinstance(layer, InvertedResidual):
             y = x
+            if layer.use_res_connect and layer.shift_frames:
+                y = temporal_shift(g, x, layer.shift_frames,
+                                   (layer.conv[-1].num_features, h, h))
             for sub in layer.conv:
                 if isinstance(sub, ConvBNReLU):
                     y = conv_bn(g, y, sub[0], sub[1], "relu6")
             y = conv_bn(g, y, layer.conv[-2], layer.conv[-1])
             x = g.op("Add", x, y) if layer.use_res_connect else y
+            dw = [sub for sub in layer.conv if isinstance(sub, ConvBNReLU)][-1][0]
+            h = (h + 2 * dw.padding[0] - dw.kernel_size[0]) // dw.stride[0] + 1
         else:
             raise ValueError(f"unexpected layer {type(layer).__name__} in the global CNN")
     return x
 
 
-def resnet(g: Graph, x: str, net: ResNet) -> str:
+def resnet(g: Graph, x: str, net: ResNet, size: int) -> str:
     x = conv_bn(g, x, net.conv1, net.bn1, "relu")
+    h = (size + 2 * 3 - 7) // 2 + 1
+    c = net.conv1.out_channels
     if isinstance(net.maxpool, nn.MaxPool2d):
         x = g.op("MaxPool", x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+        h = (h + 2 - 3) // 2 + 1
     for i in range(net.num_layers):
         for block in getattr(net, f"layer{i + 1}"):
             assert isinstance(block, BasicBlock)
             identity = x
+            branch = x
+            if block.shift_frames:
+                branch = temporal_shift(g, x, block.shift_frames, (c, h, h))
             down: Any = block.downsample
             if down is not None:
                 identity = conv_bn(g, x, down[0], down[1])
-            y = conv_bn(g, x, block.conv1, block.bn1, "relu")
+            y = conv_bn(g, branch, block.conv1, block.bn1, "relu")
             y = conv_bn(g, y, block.conv2, block.bn2)
             x = g.op("Relu", g.op("Add", y, identity))
+            c = block.conv2.out_channels
+            h = (h + 2 - 3) // block.conv1.stride[0] + 1
     return x
 
 
@@ -100,7 +133,7 @@ def glance_graph(model: AdaFocusV3) -> onnx.ModelProto:
     if factor > 1:
         frames = g.op("AveragePool", frames, kernel_shape=[factor, factor],
                       strides=[factor, factor])
-    fmap = mobilenet(g, frames, model.global_CNN.features)                  # (N*T, Cg, h, w)
+    fmap = mobilenet(g, frames, model.global_CNN.features, model.glance_size)  # (N*T, Cg, h, w)
     m = model.map_size
     with_t = g.op("Reshape", fmap, g.const([-1, t, model.global_dim, m, m], "shape", "int64"))
     fmap = g.op("ReduceMean", with_t, axes=[1], keepdims=0)                  # (N, Cg, h, w)
@@ -154,7 +187,7 @@ def cube_graph(model: AdaFocusV3, k: int) -> onnx.ModelProto:
     x = g.op("Reshape", x, g.const([0, 3, ct, ch, cw], "shape", "int64"))
     x = g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3, 4]),
              g.const([-1, 3, ch, cw], "shape", "int64"))
-    fmap = resnet(g, x, model.local_CNN)
+    fmap = resnet(g, x, model.local_CNN, ch)
     f = g.op("Reshape", g.op("GlobalAveragePool", fmap),
              g.const([-1, ct, model.local_dim], "shape", "int64"))
     f = g.op("ReduceMean", f, axes=[1], keepdims=0)                          # (N, F)

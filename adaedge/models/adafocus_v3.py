@@ -37,6 +37,19 @@ SMALL_GLANCE = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 1))  # s
 RESNET_LAYERS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
+def temporal_shift(x: torch.Tensor, frames: int, fold_div: int = 8) -> torch.Tensor:
+    """TSM's shift (Lin et al., ICCV 2019) on frames folded into the batch (N*T, C, H, W): the
+    first C/8 channels of frame t come from frame t-1, the next C/8 from frame t+1 (zeros at the
+    ends), the rest stay. It costs no FLOPs and lets 2D encoders see motion."""
+    nt, c, h, w = x.shape
+    fold = c // fold_div
+    v = x.reshape(nt // frames, frames, c, h, w)
+    zero = v.new_zeros(v.shape[0], 1, fold, h, w)
+    past = torch.cat([zero, v[:, :-1, :fold]], dim=1)
+    future = torch.cat([v[:, 1:, fold:2 * fold], zero], dim=1)
+    return torch.cat([past, future, v[:, :, 2 * fold:]], dim=2).reshape(nt, c, h, w)
+
+
 def _divisible(v: float, divisor: int = 8) -> int:
     new = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return new + divisor if new < 0.9 * v else new
@@ -60,9 +73,13 @@ class InvertedResidual(nn.Module):
         layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
                    nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout)]
         self.conv = nn.Sequential(*layers)
+        self.shift_frames = 0   # > 0: temporal shift of the residual branch's input over this many
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        if not self.use_res_connect:
+            return self.conv(x)
+        branch = temporal_shift(x, self.shift_frames) if self.shift_frames else x
+        return x + self.conv(branch)
 
 
 class MobileNetV2(nn.Module):
@@ -98,10 +115,12 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.shift_frames = 0   # > 0: temporal shift of the residual branch's input over this many
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        branch = temporal_shift(x, self.shift_frames) if self.shift_frames else x
+        out = self.relu(self.bn1(self.conv1(branch)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
@@ -180,7 +199,7 @@ class AdaFocusV3(nn.Module):
                  global_setting: Sequence[Sequence[int]] = SMALL_GLANCE,
                  global_last_channel: int = 256, local_layers: Sequence[int] = (1, 1, 1, 1),
                  local_width: int = 32, local_maxpool: bool = True, policy_hidden: int = 64,
-                 hidden: int = 128, dropout: float = 0.0) -> None:
+                 hidden: int = 128, dropout: float = 0.0, temporal_shift: bool = True) -> None:
         super().__init__()
         if size % glance_size:
             raise ValueError(f"glance_size {glance_size} must divide size {size}")
@@ -207,6 +226,14 @@ class AdaFocusV3(nn.Module):
         self.policy = Policy(gdim, self.map_size, policy_hidden, num_cubes)
         self.classifier = Classifier(gdim + ldim, hidden, num_cubes, num_classes, dropout)
         self.global_dim, self.local_dim, self.hidden = gdim, ldim, int(hidden)
+        self.temporal_shift = bool(temporal_shift)
+        if temporal_shift:   # TSM in both encoders (the Sth-Sth variants of AdaFocus use TSM)
+            for m in self.global_CNN.modules():
+                if isinstance(m, InvertedResidual):
+                    m.shift_frames = self.frames
+            for m in self.local_CNN.modules():
+                if isinstance(m, BasicBlock):
+                    m.shift_frames = self.cube[0]
 
     # -- the stages ----------------------------------------------------------------------------
     def glance(self, clip: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,227 @@
+"""AdaFocusV3: the cube crop, every exit stage against the reference, batched early exit, and the
+calibration of exit thresholds under budgets (tolerance 1e-4 relative, float32)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adaedge import models, runtime
+from adaedge.bundle import load as load_bundle
+from adaedge.calibration.exits import CalibrationError, calibrate_exits, load_data, solve
+from adaedge.cli import main
+from adaedge.export import export
+from adaedge.models.adafocus_v3 import load_official_parts, temporal_shift
+from adaedge.nn.focus import crop_cube
+from adaedge.runtime.program import InputError
+from adaedge.verify import verify
+
+FOCUS_TINY = dict(num_classes=10, frames=4, size=16, glance_size=8, cube=[2, 8, 8], num_cubes=2,
+                  global_width=0.25, local_width=8, hidden=16, policy_hidden=8)
+RTOL = 1e-4
+
+
+def randomize_focus(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+        # Spread the cube centres so that crops fall between pixels and differ per clip.
+        model.policy.fc[0].weight.mul_(4.0)
+    return model.eval()
+
+
+def tiny_focus(seed: int = 0, **overrides: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = dict(FOCUS_TINY)
+    config.update(overrides)
+    return randomize_focus(models.create("adafocus_v3", **config), seed)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_crop_cube_is_linear_interpolation_at_the_placed_positions():
+    rng = np.random.default_rng(0)
+    clip = rng.standard_normal((2, 3, 6, 9, 11)).astype(np.float32)
+    centre = np.array([[0.3, 0.77, 0.1], [1.0, 0.0, 0.5]], np.float32)
+    size = (3, 4, 5)
+    got = crop_cube(torch.from_numpy(clip), torch.from_numpy(centre), size).numpy()
+
+    def lerp1(arr, axis, start, n):  # sample arr along axis at start, start+1, ... linearly
+        out = []
+        for i in range(n):
+            p = start + i
+            lo = int(np.floor(p))
+            hi = min(lo + 1, arr.shape[axis] - 1)
+            w = p - lo
+            out.append((1 - w) * np.take(arr, lo, axis) + w * np.take(arr, hi, axis))
+        return np.stack(out, axis=axis)
+
+    for n in range(2):
+        ref = clip[n]
+        for axis, (length, cube) in enumerate(zip((6, 9, 11), size)):
+            ref = lerp1(ref, axis + 1, centre[n, axis] * (length - cube), cube)
+        assert np.abs(got[n] - ref).max() < 1e-5
+
+
+def test_temporal_shift_moves_one_eighth_of_the_channels_each_way():
+    x = torch.arange(2 * 3 * 16, dtype=torch.float32).reshape(6, 16, 1, 1)   # N=2, T=3
+    y = temporal_shift(x, 3).reshape(2, 3, 16)
+    v = x.reshape(2, 3, 16)
+    assert torch.equal(y[:, 1:, :2], v[:, :-1, :2]) and torch.equal(y[:, 0, :2], torch.zeros(2, 2))
+    assert torch.equal(y[:, :-1, 2:4], v[:, 1:, 2:4]) and torch.equal(y[:, -1, 2:4], torch.zeros(2, 2))
+    assert torch.equal(y[:, :, 4:], v[:, :, 4:])
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_every_exit_stage_matches_the_reference(tmp_path, shift):
+    model = tiny_focus(temporal_shift=shift)
+    manifest = export(model, tmp_path / "b", weights={"source": "test"})
+    assert [s["op"] for s in manifest.program] == ["run", "exit", "run", "exit", "run"]
+    rt = runtime.load(tmp_path / "b")
+    x = torch.randn(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.stage_logits(x)
+        centres = model.glance(x)["centres"]
+    assert float(centres.std()) > 0.05        # the cubes sit at different places
+    for stage, exit_name in enumerate(["exit0", "exit1", None]):
+        r = rt.classify(x.numpy(), exit_at=exit_name)
+        assert rel(r.scores, ref[stage].numpy()) <= RTOL, exit_name
+        assert all(t.exit == exit_name for t in r.traces)
+    costs = [rt.classify(x.numpy(), exit_at=e).traces[0].flops for e in ("exit0", "exit1", None)]
+    assert costs[0] == manifest.pieces["glance"].flops and costs[0] < costs[1] < costs[2]
+
+
+def test_verify_checks_every_exit(tmp_path):
+    model = tiny_focus(seed=2)
+    models.save_checkpoint(model, tmp_path / "ckpt.pt")
+    export(model, tmp_path / "b", weights={"source": "test"})
+    report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt")
+    assert report.ok
+    assert [c.name for c in report.cases][1:] == ["every clip exits at exit0",
+                                                  "every clip exits at exit1"]
+    with torch.no_grad():
+        model.classifier.classifiers[0][1].bias.add_(1.0)   # only stage 1's prediction changes
+    models.save_checkpoint(model, tmp_path / "changed.pt")
+    bad = verify(tmp_path / "b", checkpoint=tmp_path / "changed.pt")
+    failed = [c.name for c in bad.cases if not c.ok]
+    assert failed == ["every clip exits at exit1"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A tiny AdaFocusV3 bundle with thresholds for two budgets, solved on procedural clips."""
+    model = tiny_focus(seed=1)
+    out = tmp_path_factory.mktemp("focus") / "b"
+    export(model, out, weights={"source": "test"})
+    rt = runtime.load(out)
+    x, y = load_data("motion:val:80", rt)
+    glance = rt.manifest.pieces["glance"].flops / 1e9
+    full = rt.manifest.policy_flops("static") / 1e9
+    budgets = [glance + 0.3 * (full - glance), glance + 0.7 * (full - glance)]
+    report = calibrate_exits(out, x, y, budgets)
+    return out, report, budgets, x, y
+
+
+def test_calibration_meets_each_budget_and_stores_thresholds(calibrated):
+    out, report, budgets, x, y = calibrated
+    rt = runtime.load(out)
+    for sol, budget in zip(report.solutions, budgets):
+        assert sol.gflops <= budget * (1 + 1e-9)
+        r = rt.classify(x, budget=budget)      # the stored thresholds, looked up by GFLOPs
+        assert np.mean([t.flops for t in r.traces]) / 1e9 == pytest.approx(sol.gflops, rel=1e-6)
+        assert float((r.labels == y).mean()) == pytest.approx(sol.accuracy)
+    assert report.solutions[0].accuracy <= report.solutions[1].accuracy + 1e-12
+    steps = [s for s in load_bundle(out).manifest.program if s["op"] == "exit"]
+    assert all(len(s["thresholds"]) == 2 for s in steps)
+
+
+def test_batched_early_exit_gives_each_clip_what_it_gets_alone(calibrated):
+    out, report, budgets, x, _ = calibrated
+    rt = runtime.load(out)
+    batch = rt.classify(x[:24], budget=budgets[0])
+    exits = [t.exit for t in batch.traces]
+    assert len(set(exits)) > 1               # the batch splits across stages
+    for i in range(24):
+        alone = rt.classify(x[i:i + 1], budget=budgets[0])
+        assert alone.traces[0].exit == exits[i]
+        assert rel(batch.scores[i], alone.scores[0]) <= RTOL
+    # Exited clips are dropped from the later stages' calls.
+    later = [s.batch for s in batch.traces[-1].steps if s.piece == "cube2"] or \
+        [s.batch for t in batch.traces for s in t.steps if s.piece == "cube2"][:1]
+    assert later and later[0] == sum(e is None for e in exits)
+
+
+def test_calibration_refuses_what_it_cannot_do(calibrated, tmp_path):
+    out, _, _, x, y = calibrated
+    rt = runtime.load(out)
+    glance = rt.manifest.pieces["glance"].flops / 1e9
+    with pytest.raises(CalibrationError, match="below the first stage's own cost"):
+        calibrate_exits(out, x, y, [glance * 0.5], write=False)
+    with pytest.raises(CalibrationError, match="do not match the bundle's input"):
+        calibrate_exits(out, x[:, :, :2], y, [glance * 2], write=False)
+    with pytest.raises(CalibrationError, match="labels must lie"):
+        calibrate_exits(out, x, y + 10, [glance * 2], write=False)
+    with pytest.raises(InputError, match="no thresholds for budget '0.123'"):
+        rt.classify(x[:2], budget=0.123)
+    with pytest.raises(CalibrationError, match="neither"):
+        load_data("nowhere.npz", rt)
+
+
+def test_solve_prefers_accuracy_within_the_budget():
+    # Stage 0 right on half the clips (those it is sure of), stage 1 right on all.
+    n = 40
+    labels = np.zeros(n, np.int64)
+    s0 = np.zeros((n, 2), np.float32)
+    s0[: n // 2, 0] = 5.0          # sure and right
+    s0[n // 2:, 1] = 0.2           # unsure and wrong
+    s1 = np.tile(np.array([[3.0, 0.0]], np.float32), (n, 1))
+    scores = np.stack([s0, s1])
+    costs = np.array([1.0, 3.0])
+    thr, acc, cost, props = solve(scores, labels, costs, budget_flops=2.0)
+    assert acc == 1.0 and cost == pytest.approx(2.0) and props.tolist() == [0.5, 0.5]
+    thr, acc, cost, props = solve(scores, labels, costs, budget_flops=1.0)
+    assert cost == 1.0 and acc == 0.5
+
+
+def test_cli_calibrate_bench_and_the_official_parts(calibrated, tmp_path, capsys):
+    out, _, budgets, _, _ = calibrated
+    assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
+                 f"{budgets[0]:.6f}", "--criterion", "max_prob", "--json", "-q",
+                 "--plot", str(tmp_path / "curve.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["criterion"] == "max_prob" and len(report["solutions"]) == 1
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    steps = [s for s in load_bundle(out).manifest.program if s["op"] == "exit"]
+    assert all(s["criterion"] == "max_prob" and len(s["thresholds"]) == 1 for s in steps)
+    key = report["solutions"][0]["key"]
+    assert main(["bench", str(out), "--data", "motion:test:16", "--batch", "4", "--reps", "1",
+                 "--warmup", "0", "--json", "-q"]) == 0
+    names = [c["name"] for c in json.loads(capsys.readouterr().out)["configs"]]
+    assert names == ["all-cubes", f"budget-{key}", f"random-exit-{key}"]
+    assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
+                 "0.0000001", "-q"]) == 2
+    assert "below the first stage's own cost" in capsys.readouterr().err
+    # Official AdaFocus checkpoints: the corresponding parts load, the rest is listed.
+    model = tiny_focus(seed=5)
+    state = {"module." + k: v for k, v in model.state_dict().items()
+             if k.startswith(("global_CNN.", "local_CNN.", "classifier."))}
+    state["module.policy_stn.gru.weight_ih_l0"] = torch.zeros(3, 3)
+    state["module.local_CNN.fc.weight"] = torch.zeros(2, 2)
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "official.pth.tar")
+    fresh = tiny_focus(seed=6)
+    loaded, skipped = load_official_parts(fresh, tmp_path / "official.pth.tar")
+    assert "global_CNN.features.0.0.weight" in loaded and "classifier.mlp.layers.0.weight" in loaded
+    assert skipped == ["local_CNN.fc.weight", "policy_stn.gru.weight_ih_l0"]
+    assert torch.equal(fresh.global_CNN.features[0][0].weight, model.global_CNN.features[0][0].weight)
