@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import models
 from .data import CLASSES, MotionDataset
+from .models.adafocus_v3 import AdaFocusV3
 from .train import normalise
 
 Log = Callable[[str], None]
@@ -34,12 +35,13 @@ Log = Callable[[str], None]
 
 def train_focus(out: str, minutes: float = 8.0, train_clips: int = 12000, batch: int = 64,
                 lr: float = 3e-3, seed: int = 0, config: Optional[Dict[str, Any]] = None,
-                log: Log = print) -> torch.nn.Module:
+                log: Log = print) -> AdaFocusV3:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cfg = {"num_classes": len(CLASSES), "frames": 8, "size": 32}
     cfg.update(config or {})
     model = models.create("adafocus_v3", **cfg)
+    assert isinstance(model, AdaFocusV3)
     t0 = time.perf_counter()
     ds = MotionDataset("train", frames=cfg["frames"], size=cfg["size"], length=train_clips)
     x, y = ds.arrays()
@@ -83,7 +85,7 @@ def train_focus(out: str, minutes: float = 8.0, train_clips: int = 12000, batch:
                 run[:] = 0
 
 
-def evaluate_focus(model: torch.nn.Module,
+def evaluate_focus(model: AdaFocusV3,
                    budgets_fraction: Sequence[float] = (0.01, 0.03, 0.08, 0.25),
                    val_clips: int = 1000, test_clips: int = 1000,
                    log: Log = print) -> Dict[str, Any]:
@@ -145,7 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     log: Log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.evaluate_only:
-        model = models.load_model(args.out).eval()
+        loaded = models.load_model(args.out).eval()
+        assert isinstance(loaded, AdaFocusV3)
+        model = loaded
     else:
         model = train_focus(args.out, args.minutes, args.train_clips, args.batch, args.lr,
                             args.seed, log=log)

@@ -77,21 +77,23 @@ def temporal_shift(g: Graph, x: str, frames: int, shape: Tuple[int, int, int]) -
 
 def mobilenet(g: Graph, x: str, features: nn.Sequential, size: int) -> str:
     h = size
+    layer: Any
     for layer in features:
         if isinstance(layer, ConvBNReLU):
-            x = conv_bn(g, x, layer[0], layer[1], "relu6")
-            h = (h + 2 * layer[0].padding[0] - layer[0].kernel_size[0]) // layer[0].stride[0] + 1
+            conv: Any = layer[0]
+            x = conv_bn(g, x, conv, layer[1], "relu6")
+            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
         elif isinstance(layer, InvertedResidual):
             y = x
             if layer.use_res_connect and layer.shift_frames:
                 y = temporal_shift(g, x, layer.shift_frames,
-                                   (layer.conv[-1].num_features, h, h))
+                                   (int(layer.conv[-1].num_features), h, h))
             for sub in layer.conv:
                 if isinstance(sub, ConvBNReLU):
                     y = conv_bn(g, y, sub[0], sub[1], "relu6")
             y = conv_bn(g, y, layer.conv[-2], layer.conv[-1])
             x = g.op("Add", x, y) if layer.use_res_connect else y
-            dw = [sub for sub in layer.conv if isinstance(sub, ConvBNReLU)][-1][0]
+            dw: Any = [sub for sub in layer.conv if isinstance(sub, ConvBNReLU)][-1][0]
             h = (h + 2 * dw.padding[0] - dw.kernel_size[0]) // dw.stride[0] + 1
         else:
             raise ValueError(f"unexpected layer {type(layer).__name__} in the global CNN")
