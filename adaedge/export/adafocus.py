@@ -86,8 +86,8 @@ def mobilenet(g: Graph, x: str, features: nn.Sequential, size: int) -> str:
         elif isinstance(layer, InvertedResidual):
             y = x
             if layer.use_res_connect and layer.shift_frames:
-                y = temporal_shift(g, x, layer.shift_frames,
-                                   (int(layer.conv[-1].num_features), h, h))
+                last_bn: Any = layer.conv[-1]
+                y = temporal_shift(g, x, layer.shift_frames, (int(last_bn.num_features), h, h))
             for sub in layer.conv:
                 if isinstance(sub, ConvBNReLU):
                     y = conv_bn(g, y, sub[0], sub[1], "relu6")
