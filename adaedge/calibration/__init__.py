@@ -1,5 +1,4 @@
-"""Calibration writes into a bundle: INT8 Q/DQ scales, exit thresholds under a budget, gate bias.
+"""Calibration writes into a bundle: exit thresholds under compute budgets (:mod:`.exits`).
 
-Nothing is implemented here yet: exit thresholds arrive with AdaFocusV3 and Q/DQ INT8 with the
-TensorRT path. The runtime already reads exit thresholds from a bundle's ``exit`` steps.
+INT8 Q/DQ scales arrive with the TensorRT path; gate bias for a budget is not implemented.
 """

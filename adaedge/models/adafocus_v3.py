@@ -33,7 +33,7 @@ from ..nn.focus import crop_cube
 
 MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                 (6, 160, 3, 2), (6, 320, 1, 1))
-SMALL_GLANCE = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 1))  # stride 8
+SMALL_GLANCE = ((1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 2, 2), (6, 64, 1, 1))  # stride 8
 RESNET_LAYERS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -194,7 +194,7 @@ class Classifier(nn.Module):
 
 class AdaFocusV3(nn.Module):
     def __init__(self, num_classes: int = 10, frames: int = 8, size: int = 32,
-                 glance_size: int = 16, cube: Sequence[int] = (4, 16, 16), num_cubes: int = 3,
+                 glance_size: int = 16, cube: Sequence[int] = (4, 24, 24), num_cubes: int = 3,
                  global_width: float = 0.5,
                  global_setting: Sequence[Sequence[int]] = SMALL_GLANCE,
                  global_last_channel: int = 256, local_layers: Sequence[int] = (1, 1, 1, 1),
