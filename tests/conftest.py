@@ -23,7 +23,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm3d, torch.nn.BatchNorm1d)):
+            if isinstance(m, (torch.nn.BatchNorm3d, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
                 n = m.num_features
                 m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)

@@ -19,22 +19,18 @@ from adaedge.nn.focus import crop_cube
 from adaedge.runtime.program import InputError
 from adaedge.verify import verify
 
+from .conftest import randomize
+
 FOCUS_TINY = dict(num_classes=10, frames=4, size=16, glance_size=8, cube=[2, 8, 8], num_cubes=2,
                   global_width=0.25, local_width=8, hidden=16, policy_hidden=8)
 RTOL = 1e-4
 
 
 def randomize_focus(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
+    """Random batch norms (conftest), and cube centres spread so that crops fall between pixels
+    and differ per clip."""
+    randomize(model, seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
-        # Spread the cube centres so that crops fall between pixels and differ per clip.
         model.policy.fc[0].weight.mul_(4.0)
     return model.eval()
 
