@@ -19,7 +19,7 @@ import onnx
 from torch import nn
 
 from ..models.adafocus_v3 import AdaFocusV3, BasicBlock, ConvBNReLU, InvertedResidual, ResNet
-from .graph import Graph, bn_affine
+from .graph import Graph, bn_affine, conv2d_bn
 from .graph import to_numpy as _np
 
 Progress = Optional[Callable[[int, int, str], None]]
@@ -28,14 +28,7 @@ CRITERION = "entropy"
 
 def conv_bn(g: Graph, x: str, conv: Any, bn: Any, act: Optional[str] = None) -> str:
     """A Conv2d with its batch norm folded in, and its activation (relu, relu6 or none)."""
-    scale, shift = bn_affine(bn)
-    weight = _np(conv.weight) * scale[:, None, None, None]
-    if conv.bias is not None:
-        shift = shift + _np(conv.bias) * scale
-    kh, kw = weight.shape[2:]
-    y = g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"), kernel_shape=[kh, kw],
-             strides=list(conv.stride), pads=[conv.padding[0], conv.padding[1]] * 2,  # type: ignore
-             group=conv.groups)
+    y = conv2d_bn(g, x, conv, bn)
     if act == "relu":
         return g.op("Relu", y)
     if act == "relu6":

@@ -136,3 +136,21 @@ def bn_affine(bn: Any) -> Tuple[np.ndarray, np.ndarray]:
     assert bn.running_mean is not None and bn.running_var is not None
     scale = to_numpy(bn.weight) / np.sqrt(to_numpy(bn.running_var) + bn.eps)
     return scale, to_numpy(bn.bias) - to_numpy(bn.running_mean) * scale
+
+
+def conv2d_bn(g: Graph, x: str, conv: Any, bn: Any) -> str:
+    """A per-frame 2D convolution with its eval-mode batch norm folded in: an ``nn.Conv2d``, or an
+    ``nn.Conv3d`` with a 1 x kh x kw kernel and no temporal stride, applied to frames folded into
+    the batch (N*T, C, H, W)."""
+    weight = to_numpy(conv.weight)
+    stride, padding = tuple(conv.stride), tuple(conv.padding)
+    if weight.ndim == 5:
+        assert weight.shape[2] == 1 and stride[0] == 1 and padding[0] == 0, "not per frame"
+        weight, stride, padding = weight[:, :, 0], stride[1:], padding[1:]
+    scale, shift = bn_affine(bn)
+    if conv.bias is not None:
+        shift = shift + to_numpy(conv.bias) * scale
+    weight = weight * scale[:, None, None, None]
+    return g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"),
+                kernel_shape=list(weight.shape[2:]), strides=list(stride),
+                pads=[padding[0], padding[1]] * 2, group=conv.groups)

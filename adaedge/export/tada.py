@@ -34,12 +34,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper
 
 from ..models.tada2d import ResBlock, Stem, TAda2D
 from ..nn.tadaconv import TAdaConv2d
-from .graph import CUSTOM_DOMAIN, OPSET, Dim, Graph, bn_affine
+from .graph import CUSTOM_DOMAIN, OPSET, Dim, Graph, bn_affine, conv2d_bn
 from .graph import to_numpy as _np
 
 Progress = Optional[Callable[[int, int, str], None]]
@@ -154,21 +153,13 @@ class BlockWriter:
     def unfold(self, g: Graph, x: str, c: int, h: int, w: int) -> str:
         return g.op("Reshape", x, g.const([-1, self.frames, c, h, w], "shape", "int64"))
 
-    def conv_bn(self, g: Graph, x: str, conv: torch.nn.Conv3d, bn: torch.nn.BatchNorm3d) -> str:
-        """A per-frame 1x1 (or k x k) convolution with its batch norm folded in."""
-        scale, shift = bn_affine(bn)
-        weight = _np(conv.weight)[:, :, 0] * scale[:, None, None, None]
-        kh, kw = weight.shape[2:]
-        return g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"), kernel_shape=[kh, kw],
-                    strides=list(conv.stride[1:]), pads=[conv.padding[1], conv.padding[2]] * 2)
-
     def front(self, g: Graph, x5: str) -> Tuple[str, Optional[str]]:
         """Block input (N, T, C, H, W) -> the reduced map ``a`` (folded) and the projected shortcut."""
         x = self.fold(g, x5, self.c_in, self.h, self.w)
         shortcut = None
         if hasattr(self.block, "short_cut"):
-            shortcut = self.conv_bn(g, x, self.block.short_cut, self.block.short_cut_bn)
-        a = g.op("Relu", self.conv_bn(g, x, self.branch.a, self.branch.a_bn))
+            shortcut = conv2d_bn(g, x, self.block.short_cut, self.block.short_cut_bn)
+        a = g.op("Relu", conv2d_bn(g, x, self.branch.a, self.branch.a_bn))
         return a, shortcut
 
     def routing(self, g: Graph, a: str) -> str:
@@ -211,7 +202,7 @@ class BlockWriter:
         z = g.op("Add", g.op("Mul", y, g.const(s1[:, None, None], "s1")),
                  g.op("Mul", pooled, g.const(s2[:, None, None], "s2")))
         z = g.op("Relu", g.op("Add", z, g.const((t1 + t2)[:, None, None], "t")))
-        z = self.conv_bn(g, z, br.c, br.c_bn)                                     # (NT, C', Ho, Wo)
+        z = conv2d_bn(g, z, br.c, br.c_bn)                                     # (NT, C', Ho, Wo)
         z5 = self.unfold(g, z, self.c_out, self.ho, self.wo)
         if shortcut is None:
             res = x5
@@ -225,13 +216,10 @@ def stem_graph(stem: Stem, frames: int, size: int, batch: Dim) -> Tuple[onnx.Mod
     x = g.input("x", [batch, 3, frames, size, size])
     x4 = g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3, 4]),
               g.const([-1, 3, size, size], "shape", "int64"))
-    scale, shift = bn_affine(stem.a_bn)
-    weight = _np(stem.a.weight)[:, :, 0] * scale[:, None, None, None]
-    k, s, p = int(weight.shape[2]), int(stem.a.stride[1]), int(stem.a.padding[1])  # type: ignore[arg-type]
-    y = g.op("Relu", g.op("Conv", x4, g.const(weight, "w"), g.const(shift, "b"),
-                          kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p]))
+    y = g.op("Relu", conv2d_bn(g, x4, stem.a, stem.a_bn))
+    k, s, p = stem.a.kernel_size[1], stem.a.stride[1], int(stem.a.padding[1])  # type: ignore[arg-type]
     ho = (size + 2 * p - k) // s + 1
-    c = weight.shape[0]
+    c = stem.a.out_channels
     g.output(g.op("Reshape", y, g.const([-1, frames, c, ho, ho], "shape", "int64")), "y")
     return g.model(), (frames, c, ho, ho)
 
