@@ -91,7 +91,7 @@ def realization(t_policy: float, t_static: float, f_policy: float, f_static: flo
 
 def exit_budgets(runtime: Runtime) -> List[str]:
     """The budgets whose thresholds every exit step holds ('default' aside), cheapest first."""
-    steps = [s for s in runtime.manifest.program if s["op"] == "exit"]
+    steps = runtime.manifest.exits()
     if not steps:
         return []
     keys = set.intersection(*(set(s.get("thresholds", {})) for s in steps)) - {"default"}
@@ -155,7 +155,6 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
     batch = int(batch or total_clips)
     if not 1 <= batch <= total_clips:
         raise ValueError(f"batch {batch} must be between 1 and the {total_clips} clips")
-    chunks = [slice(i, min(i + batch, total_clips)) for i in range(0, total_clips, batch)]
     order = list(range(len(configs)))
     rng = random.Random(seed)
     times: Dict[int, List[float]] = {i: [] for i in order}
@@ -166,19 +165,12 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
         rng.shuffle(order)
         for i in order:
             cfg = configs[i]
-            spent = 0
-            elapsed = 0.0
-            for chunk in chunks:
-                options = dict(cfg.options)
-                if "exit_at" in options and not isinstance(options["exit_at"], str):
-                    options["exit_at"] = list(options["exit_at"])[chunk]
-                t0 = time.perf_counter()
-                result = cfg.runtime.classify(clips[chunk], force=cfg.force, **options)
-                elapsed += time.perf_counter() - t0
-                spent += sum(t.flops for t in result.traces)
+            t0 = time.perf_counter()
+            result = cfg.runtime.classify_batches(clips, batch, force=cfg.force, **cfg.options)
+            elapsed = time.perf_counter() - t0
             if rep >= warmup:
                 times[i].append(elapsed)
-            flops[i] = spent / total_clips
+            flops[i] = sum(t.flops for t in result.traces) / total_clips
             done += 1
             if progress:
                 progress(done, total, cfg.name)
@@ -221,10 +213,6 @@ def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal([batch] + runtime.manifest.clip_shape).astype(np.float32)
 
 
-def has_exits(runtime: Runtime) -> bool:
-    return any(s["op"] == "exit" for s in runtime.manifest.program)
-
-
 def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
           configs: Sequence[str] = DEFAULT_CONFIGS, seed: int = 0,
           clips: Optional[np.ndarray] = None, progress: Progress = None,
@@ -235,7 +223,7 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
     should be given real clips: how many clips leave early depends on them.
     """
     x = runtime.check_clips(clips if clips is not None else random_clips(runtime, batch, seed))
-    if has_exits(runtime):
+    if runtime.manifest.exits():
         chosen = exit_configs(runtime, x, seed, budgets)
         reference = "all-cubes"
     else:

@@ -113,6 +113,9 @@ class Manifest:
     def switches(self) -> List[Dict[str, Any]]:
         return [s for s in self.program if s["op"] == "switch"]
 
+    def exits(self) -> List[Dict[str, Any]]:
+        return [s for s in self.program if s["op"] == "exit"]
+
     def policy_flops(self, policy: str) -> int:
         """FLOPs per clip of the whole program under a forced policy (no gate runs, no exit):
         what a trace of ``classify(clips, force=policy)`` adds up to. A program without switches

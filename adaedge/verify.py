@@ -171,7 +171,7 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     for i in range(n_branches):
         cases.append((f"every gate forced to branch {i} ({names[i]['name'] if i < len(names) else i})",
                       i))
-    exits = [s["name"] for s in b.manifest.program if s["op"] == "exit"]
+    exits = [s["name"] for s in b.manifest.exits()]
     report = Report(str(bundle), rtol, clips)
     total = len(cases) + len(exits)
     for k, (name, force) in enumerate(cases):

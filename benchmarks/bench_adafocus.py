@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from adaedge import models, runtime
 from adaedge.bench import bench, format_table
@@ -34,13 +33,7 @@ CHECKPOINT = Path(__file__).resolve().parents[1] / "adaedge" / "checkpoints" / "
 
 
 def accuracy(rt, clips, labels, **options) -> float:
-    preds = []
-    for i in range(0, len(clips), 64):
-        opts = dict(options)
-        if "exit_at" in opts:
-            opts["exit_at"] = opts["exit_at"][i:i + 64]
-        preds.append(rt.classify(clips[i:i + 64], **opts).labels)
-    return float((np.concatenate(preds) == labels).mean())
+    return float((rt.classify_batches(clips, 64, **options).labels == labels).mean())
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import CRITERIA, budget_key, write_manifest
 from ..bundle import load as load_bundle
 from ..runtime import load as load_runtime
-from ..runtime.program import Runtime, exit_measure
+from ..runtime.program import InputError, Runtime, exit_measure
 
 Progress = Optional[Callable[[int, int, str], None]]
 NEVER = {"entropy": -1.0, "max_prob": 2.0}   # thresholds no clip meets
@@ -64,33 +64,26 @@ class Report:
                 "solutions": [s.to_json() for s in self.solutions]}
 
 
-def exit_names(runtime: Runtime) -> List[str]:
-    return [s["name"] for s in runtime.manifest.program if s["op"] == "exit"]
-
-
 def stage_outputs(runtime: Runtime, clips: np.ndarray, batch: int = 64,
                   progress: Progress = None) -> Tuple[np.ndarray, np.ndarray]:
     """Scores at every stage (S, N, classes) and the cumulative cost of each stage (S,) in FLOPs.
 
     Stage k < S-1 is stopping at the k-th exit step; the last is running the whole program.
     """
-    names: List[Optional[str]] = [*exit_names(runtime), None]
+    names: List[Optional[str]] = [*(s["name"] for s in runtime.manifest.exits()), None]
     if len(names) < 2:
         raise CalibrationError("this bundle has no exit steps to calibrate")
-    scores: List[List[np.ndarray]] = [[] for _ in names]
+    scores: List[np.ndarray] = []
     costs = np.zeros(len(names))
-    n = len(clips)
-    steps = len(names) * ((n + batch - 1) // batch)
-    done = 0
     for k, name in enumerate(names):
-        for start in range(0, n, batch):
-            result = runtime.classify(clips[start:start + batch], exit_at=name)
-            scores[k].append(result.scores)
-            costs[k] = result.traces[0].flops
-            done += 1
-            if progress:
-                progress(done, steps, name or "all stages")
-    return np.stack([np.concatenate(s) for s in scores]), costs
+        if progress:
+            progress(k, len(names), name or "all stages")
+        result = runtime.classify_batches(clips, batch, exit_at=name, exits=name is not None)
+        scores.append(result.scores)
+        costs[k] = result.traces[0].flops
+    if progress:
+        progress(len(names), len(names), "done")
+    return np.stack(scores), costs
 
 
 def _evaluate(conf: np.ndarray, correct: np.ndarray, costs: np.ndarray,
@@ -186,7 +179,7 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
     y = np.asarray(labels, dtype=np.int64)
     scores, costs = stage_outputs(runtime, x, batch, progress)
     correct = scores.argmax(axis=2) == y[None, :]
-    names = exit_names(runtime)
+    names = [s["name"] for s in runtime.manifest.exits()]
     report = Report(criterion, len(y), [*names, "all"], [c / 1e9 for c in costs],
                     [float(c.mean()) for c in correct])
     for budget in budgets:
@@ -198,9 +191,7 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
         raise CalibrationError(f"the default budget {default:g} is not one of the budgets solved")
     if write:
         manifest = b.manifest
-        for step in manifest.program:
-            if step["op"] != "exit":
-                continue
+        for step in manifest.exits():
             if step.get("criterion") != criterion:
                 step["criterion"] = criterion
                 step["thresholds"] = {}
@@ -216,11 +207,10 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
 
 def check_data(runtime: Runtime, clips: Any, labels: Any) -> np.ndarray:
     """Calibration clips as the bundle takes them, with labels in its class range."""
-    arr = np.asarray(clips)
-    expected = runtime.manifest.clip_shape
-    if arr.ndim != 5 or list(arr.shape[1:]) != expected:
-        raise CalibrationError(f"calibration clips of shape {tuple(arr.shape)} do not match the "
-                               f"bundle's input (N, {', '.join(map(str, expected))})")
+    try:
+        arr = runtime.check_clips(clips)
+    except InputError as e:
+        raise CalibrationError(f"calibration {e}") from None
     y = np.asarray(labels)
     if y.shape != (arr.shape[0],) or y.dtype.kind not in "iu":
         raise CalibrationError(f"labels must be one integer per clip ({arr.shape[0]}), got "
@@ -230,7 +220,7 @@ def check_data(runtime: Runtime, clips: Any, labels: Any) -> np.ndarray:
         raise CalibrationError(f"labels must lie in 0..{n_classes - 1}")
     if len(y) < 10:
         raise CalibrationError(f"{len(y)} clips are too few to calibrate on (at least 10)")
-    return runtime.check_clips(arr)
+    return arr
 
 
 def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
@@ -239,16 +229,11 @@ def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
     y = np.asarray(labels)
     out = []
     for budget in budgets:
-        preds, flops, exits = [], [], []
-        for start in range(0, len(y), batch):
-            r = runtime.classify(clips[start:start + batch], budget=budget)
-            preds.append(r.labels)
-            flops += [t.flops for t in r.traces]
-            exits += [t.exit or "all" for t in r.traces]
-        names, counts = np.unique(exits, return_counts=True)
+        r = runtime.classify_batches(clips, batch, budget=budget, exits=budget is not None)
+        names, counts = np.unique([t.exit or "all" for t in r.traces], return_counts=True)
         out.append({"budget": budget or "all-cubes",
-                    "accuracy": float((np.concatenate(preds) == y).mean()),
-                    "gflops": float(np.mean(flops) / 1e9),
+                    "accuracy": float((r.labels == y).mean()),
+                    "gflops": float(np.mean([t.flops for t in r.traces]) / 1e9),
                     "exits": {str(k): int(c) for k, c in zip(names, counts)}})
     return out
 

@@ -295,6 +295,25 @@ class Runtime:
         scores_out = np.stack([r for r in results if r is not None])
         return Result(scores=scores_out, traces=traces, values=kept, state=new_state)
 
+    def classify_batches(self, clips: Any, batch: int,
+                         exit_at: Union[str, Sequence[Optional[str]], None] = None,
+                         **options: Any) -> Result:
+        """``classify`` over ``clips`` in calls of ``batch`` clips; scores and traces in order.
+
+        A per-clip ``exit_at`` is split with the clips. Values and state are not collected.
+        """
+        if batch < 1:
+            raise InputError(f"batch must be at least 1, got {batch}")
+        x = self.check_clips(clips)
+        stops = None if exit_at is None or isinstance(exit_at, str) else list(exit_at)
+        scores, traces = [], []
+        for start in range(0, len(x), batch):
+            part = exit_at if stops is None else stops[start:start + batch]
+            r = self.classify(x[start:start + batch], exit_at=part, **options)
+            scores.append(r.scores)
+            traces += r.traces
+        return Result(scores=np.concatenate(scores), traces=traces)
+
 
 class Stream:
     """A batch of streams with carried state: each ``step(clips)`` continues from the last one."""
