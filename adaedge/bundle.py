@@ -16,8 +16,19 @@ Manifest (schema version 1)::
                         "inputs": [{"name", "shape", "dtype"}], "outputs": [...]}},
       "program": [step, ...],
       "state": [{"name", "shape", "dtype"}],          # tensors carried from one call to the next
-      "policies": {name: {switch name: branch index}} # forced policies (static, all-half, ...)
+      "policies": {name: {switch name: branch index}}, # forced policies (static, all-half, ...)
+      "constants": {"file": "graphs/<name>.npz", "sha256": hex,        # optional: tensors that
+                    "tensors": [{"name", "shape", "dtype"}]},          # several pieces read
+      "stream": {"window": T}                          # optional: a per-frame program (below)
     }
+
+Constants are weights shared by several pieces (AdaFuse's bucketed pieces all read one block's
+weights), stored once in a NumPy ``.npz`` (read with ``allow_pickle=False``) and fed to the pieces
+as inputs; a program reads them by name like any value.
+
+A *stream* bundle's program takes one frame per call (``input.frames`` is 1) and carries its state
+from frame to frame; its scores are the mean of the last ``window`` frames' scores, so a stream
+started from zero state and fed the T = ``window`` frames of a clip one by one gives the clip's scores.
 
 Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
 
@@ -26,7 +37,8 @@ Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
   channels (pieces that fold frames into the batch); others are ``NCTHW``.
 * ``{"op": "switch", "name", "gate": {"piece", "inputs", "decision", "scores"},
   "branches": [{"name", "piece"}], "inputs", "outputs"}``: the gate piece's ``decision`` output
-  (int64, one per clip) picks the branch; all branch pieces share I/O names.
+  (int64, one per clip) picks the branch; all branch pieces share I/O names. Instead of ``gate``, a
+  switch may name ``"select": value``: an int64 value (one per clip) an earlier step computed.
 * ``{"op": "exit", "name", "scores", "criterion": "entropy" | "max_prob", "thresholds": {budget: t}}``:
   clips whose ``scores`` (softmax of) meet the criterion stop here with those scores.
 * ``{"op": "carry", "name", "value", "state"}``: keep ``value`` as state for the next call.
@@ -40,6 +52,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -84,6 +97,17 @@ class Piece:
                 "outputs": [t.to_json() for t in self.outputs]}
 
 
+@dataclass(frozen=True)
+class Constants:
+    file: str
+    sha256: str
+    tensors: List[TensorSpec]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256,
+                "tensors": [t.to_json() for t in self.tensors]}
+
+
 @dataclass
 class Manifest:
     model: Dict[str, Any]
@@ -94,14 +118,26 @@ class Manifest:
     state: List[TensorSpec] = field(default_factory=list)
     policies: Dict[str, Dict[str, int]] = field(default_factory=dict)
     adaedge_version: str = ""
+    constants: Optional[Constants] = None
+    stream: Optional[Dict[str, int]] = None
 
     def to_json(self) -> Dict[str, Any]:
-        return {"format": FORMAT, "schema_version": SCHEMA_VERSION,
-                "adaedge_version": self.adaedge_version, "model": self.model, "input": self.input,
-                "output": self.output,
-                "pieces": {k: p.to_json() for k, p in self.pieces.items()},
-                "program": self.program, "state": [s.to_json() for s in self.state],
-                "policies": self.policies}
+        out = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+               "adaedge_version": self.adaedge_version, "model": self.model, "input": self.input,
+               "output": self.output,
+               "pieces": {k: p.to_json() for k, p in self.pieces.items()},
+               "program": self.program, "state": [s.to_json() for s in self.state],
+               "policies": self.policies}
+        if self.constants is not None:
+            out["constants"] = self.constants.to_json()
+        if self.stream is not None:
+            out["stream"] = dict(self.stream)
+        return out
+
+    @property
+    def window(self) -> Optional[int]:
+        """Frames a stream bundle's scores average over (None: the program takes whole clips)."""
+        return None if self.stream is None else int(self.stream["window"])
 
     @property
     def clip_shape(self) -> List[int]:
@@ -237,16 +273,21 @@ def _check_step(step: Any, i: int, pieces: Dict[str, Piece]) -> None:
             raise BundleError(f"manifest: {where}.layouts must map output values to one of "
                               f"{', '.join(LAYOUTS)}")
     elif op == "switch":
-        gate = _need(step, "gate", dict, where)
-        g = piece(_need(gate, "piece", str, f"{where}.gate"), f"{where}.gate.piece")
-        _io_map(gate.get("inputs"), f"{where}.gate.inputs", [t.name for t in g.inputs])
-        outs = {t.name: t for t in g.outputs}
-        decision = _need(gate, "decision", str, f"{where}.gate")
-        if decision not in outs or outs[decision].dtype != "int64":
-            raise BundleError(f"manifest: {where}.gate.decision must name an int64 output of "
-                              f"piece {g.name!r}")
-        if "scores" in gate and gate["scores"] not in outs:
-            raise BundleError(f"manifest: {where}.gate.scores is not an output of {g.name!r}")
+        if ("gate" in step) == ("select" in step):
+            raise BundleError(f"manifest: {where} needs either a gate or a select value")
+        if "select" in step:
+            _name(step["select"], f"{where}.select")
+        else:
+            gate = _need(step, "gate", dict, where)
+            g = piece(_need(gate, "piece", str, f"{where}.gate"), f"{where}.gate.piece")
+            _io_map(gate.get("inputs"), f"{where}.gate.inputs", [t.name for t in g.inputs])
+            outs = {t.name: t for t in g.outputs}
+            decision = _need(gate, "decision", str, f"{where}.gate")
+            if decision not in outs or outs[decision].dtype != "int64":
+                raise BundleError(f"manifest: {where}.gate.decision must name an int64 output of "
+                                  f"piece {g.name!r}")
+            if "scores" in gate and gate["scores"] not in outs:
+                raise BundleError(f"manifest: {where}.gate.scores is not an output of {g.name!r}")
         branches = _need(step, "branches", list, where)
         if not branches:
             raise BundleError(f"manifest: {where}.branches is empty")
@@ -360,9 +401,33 @@ def parse_manifest(data: Any) -> Manifest:
                 raise BundleError(f"manifest: policies[{pol!r}] names unknown switch {sw!r}")
             if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < switches[sw]:
                 raise BundleError(f"manifest: policies[{pol!r}][{sw!r}] is not a branch index")
+    constants = None
+    if data.get("constants") is not None:
+        c = _need(data, "constants", dict, "manifest")
+        file = _need(c, "file", str, "constants")
+        if not file.endswith(".npz"):
+            raise BundleError(f"manifest: constants.file {file!r} is not an .npz file")
+        sha = _need(c, "sha256", str, "constants")
+        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+            raise BundleError("manifest: constants.sha256 is not a SHA-256 hex digest")
+        tensors = [_tensor(t, f"constants.tensors[{i}]")
+                   for i, t in enumerate(_need(c, "tensors", list, "constants"))]
+        for t in tensors:
+            if not all(isinstance(d, int) for d in t.shape):
+                raise BundleError(f"manifest: constant {t.name!r} must have a static shape")
+        constants = Constants(file, sha, tensors)
+    stream = None
+    if data.get("stream") is not None:
+        st = _need(data, "stream", dict, "manifest")
+        if _need(st, "window", int, "stream") < 1:
+            raise BundleError("manifest: stream.window must be positive")
+        if spec["frames"] != 1:
+            raise BundleError("manifest: a stream bundle takes one frame per call (input.frames 1)")
+        stream = {"window": int(st["window"])}
     return Manifest(model=model, input=spec, output=output, pieces=pieces, program=program,
                     state=state, policies=policies,
-                    adaedge_version=str(data.get("adaedge_version", "")))
+                    adaedge_version=str(data.get("adaedge_version", "")),
+                    constants=constants, stream=stream)
 
 
 class Bundle:
@@ -393,6 +458,38 @@ class Bundle:
     def verify_files(self) -> None:
         for name in self.manifest.pieces:
             self.piece_path(name)
+        self.constants()
+
+    def constants(self) -> Dict[str, Any]:
+        """The shared constants as NumPy arrays, hash-checked and matched against their specs."""
+        import numpy as np
+        spec = self.manifest.constants
+        if spec is None:
+            return {}
+        path = safe_join(self.root, spec.file)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: constants file {spec.file} is missing")
+        digest = sha256_file(path)
+        if digest != spec.sha256:
+            raise BundleError(f"bundle {self.root}: constants file {spec.file} is corrupt: SHA-256 "
+                              f"{digest[:12]}… does not match the manifest's {spec.sha256[:12]}…")
+        out: Dict[str, Any] = {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                for t in spec.tensors:
+                    if t.name not in data.files:
+                        raise BundleError(f"bundle {self.root}: constants file lacks {t.name!r}")
+                    arr = data[t.name]
+                    if list(arr.shape) != list(t.shape) or str(arr.dtype) != t.dtype:
+                        raise BundleError(f"bundle {self.root}: constant {t.name!r} is "
+                                          f"{arr.dtype}{list(arr.shape)}, the manifest says "
+                                          f"{t.dtype}{list(t.shape)}")
+                    out[t.name] = np.ascontiguousarray(arr)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"bundle {self.root}: cannot read constants {spec.file}: {e}") from None
+        return out
 
     def engine_dir(self, key: str) -> Path:
         return safe_join(self.root, f"engines/{key}")

@@ -13,10 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import onnx
 
 from .. import __version__
-from ..bundle import MANIFEST, Manifest, Piece, TensorSpec, sha256_file, write_manifest
+from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
+                      write_manifest)
 from ..models import family, model_config, model_name
 from .flops import count_flops
 from .graph import value_dtype, value_shape
@@ -27,7 +29,7 @@ KINETICS_STD = [0.22803, 0.22145, 0.216989]
 
 Progress = Optional[Callable[[int, int, str], None]]
 EXECUTIONS = {"vared": ("dynamic", "masked"), "tada": ("calibrated", "official", "uncalibrated"),
-              "adafocus": ("stages",)}
+              "adafocus": ("stages",), "adafuse": ("dense", "gathered", "plain")}
 
 
 class ExportError(ValueError):
@@ -49,6 +51,9 @@ def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: Opti
     if fam == "tada":
         from .tada import export_tada
         return export_tada(model, frames, size, execution, progress, **options)
+    if fam == "adafuse":
+        from .adafuse import export_adafuse
+        return export_adafuse(model, frames, size, execution, progress, **options)
     raise ExportError(f"no exporter for model family {fam!r}")
 
 
@@ -92,12 +97,15 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     out = Path(out)
     _prepare_destination(out, overwrite)
     try:
-        pieces, program, policies, output = _family_pieces(fam, model, frames, size, execution,
-                                                           progress, dict(options or {}))
+        parts = _family_pieces(fam, model, frames, size, execution, progress,
+                               dict(options or {}))
     except (ValueError, TypeError) as e:
         if isinstance(e, ExportError):
             raise
         raise ExportError(str(e)) from None
+    pieces, program, policies, output = parts[:4]
+    extras: Dict[str, Any] = parts[4] if len(parts) > 4 else {}
+    stream = extras.get("stream")
     execution = execution or next(iter(EXECUTIONS[fam]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -113,15 +121,25 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
                 inputs=[TensorSpec(v.name, value_shape(v), value_dtype(v)) for v in proto.graph.input],
                 outputs=[TensorSpec(v.name, value_shape(v), value_dtype(v))
                          for v in proto.graph.output])
+        constants = None
+        if extras.get("constants"):
+            arrays = {k: np.ascontiguousarray(v) for k, v in extras["constants"].items()}
+            np.savez(tmp / "graphs" / "constants.npz", **arrays)
+            constants = Constants("graphs/constants.npz",
+                                  sha256_file(tmp / "graphs" / "constants.npz"),
+                                  [TensorSpec(k, list(v.shape), str(v.dtype))
+                                   for k, v in arrays.items()])
         manifest = Manifest(
             model={"name": name, "family": fam, "config": model_config(model),
                    "execution": execution, "options": dict(options or {}),
                    "weights": weights or {"source": "unknown"}},
-            input={"name": "clip", "layout": "NCTHW", "channels": 3, "frames": frames,
+            input={"name": "clip", "layout": "NCTHW", "channels": 3,
+                   "frames": 1 if stream else frames,
                    "size": [size, size], "dtype": "float32", "mean": [float(m) for m in mean],
                    "std": [float(s) for s in std],
                    "labels": list(labels) if labels is not None else None},
             output=output, pieces=specs, program=program, policies=policies,
+            state=list(extras.get("state", [])), constants=constants, stream=stream,
             adaedge_version=__version__)
         write_manifest(tmp, manifest)
         if out.exists():

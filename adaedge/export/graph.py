@@ -138,10 +138,11 @@ def bn_affine(bn: Any) -> Tuple[np.ndarray, np.ndarray]:
     return scale, to_numpy(bn.bias) - to_numpy(bn.running_mean) * scale
 
 
-def conv2d_bn(g: Graph, x: str, conv: Any, bn: Any) -> str:
-    """A per-frame 2D convolution with its eval-mode batch norm folded in: an ``nn.Conv2d``, or an
-    ``nn.Conv3d`` with a 1 x kh x kw kernel and no temporal stride, applied to frames folded into
-    the batch (N*T, C, H, W)."""
+def folded_conv(conv: Any, bn: Any) -> Tuple[np.ndarray, np.ndarray, Tuple[int, int],
+                                              Tuple[int, int]]:
+    """A per-frame convolution with its eval-mode batch norm folded in: weight (C_out, C_in/g,
+    kh, kw), bias, stride and padding. ``conv`` is an ``nn.Conv2d``, or an ``nn.Conv3d`` with a
+    1 x kh x kw kernel and no temporal stride."""
     weight = to_numpy(conv.weight)
     stride, padding = tuple(conv.stride), tuple(conv.padding)
     if weight.ndim == 5:
@@ -150,7 +151,13 @@ def conv2d_bn(g: Graph, x: str, conv: Any, bn: Any) -> str:
     scale, shift = bn_affine(bn)
     if conv.bias is not None:
         shift = shift + to_numpy(conv.bias) * scale
-    weight = weight * scale[:, None, None, None]
+    return weight * scale[:, None, None, None], shift, stride, padding
+
+
+def conv2d_bn(g: Graph, x: str, conv: Any, bn: Any) -> str:
+    """A per-frame 2D convolution with its eval-mode batch norm folded in (:func:`folded_conv`),
+    applied to frames folded into the batch (N*T, C, H, W)."""
+    weight, shift, stride, padding = folded_conv(conv, bn)
     return g.op("Conv", x, g.const(weight, "w"), g.const(shift, "b"),
                 kernel_shape=list(weight.shape[2:]), strides=list(stride),
                 pads=[padding[0], padding[1]] * 2, group=conv.groups)

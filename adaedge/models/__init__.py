@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from .adafocus_v3 import AdaFocusV3, adafocus_v3
+from .adafuse import AdaFuse, adafuse_tsm_r50, adafuse_tsn_r50, check_shared, config_from_state
 from .tada2d import TAda2D, config_from_official, tada2d
 from .vared_r2plus1d import VaRedR2Plus1D, vared_r2plus1d_18
 
 __all__ = ["create", "available", "register", "load_checkpoint", "save_checkpoint", "load_model",
-           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "model_name", "model_config"]
+           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "AdaFuse", "model_name", "model_config"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: Dict[str, str] = {}
@@ -93,7 +94,7 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     """Read a checkpoint safely (``weights_only=True``): the state dict and adaedge's metadata.
 
     Accepts our own format, ``{"state_dict": ...}`` or ``{"model": ...}`` wrappers as training
-    scripts save them, the official TAdaConv code's ``{"model_state": ..., "cfg": json}`` (its
+    scripts save them (the official AdaFuse code's among them), the official TAdaConv code's ``{"model_state": ..., "cfg": json}`` (its
     config is returned as ``meta["official_cfg"]``), and bare state dicts; strips a DataParallel
     ``module.`` prefix.
     """
@@ -144,6 +145,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
         raise CheckpointError("\n".join(lines))
+    check_shared(state, model, source)
     model.load_state_dict(dict(state), strict=True)
 
 
@@ -175,6 +177,16 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
         except ValueError as e:
             raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
         saved_name = "tada2d"
+    if saved_name is None and "new_fc.weight" in state and "base_model.conv1.weight" in state:
+        if name not in ("adafuse_tsn_r50", "adafuse_tsm_r50"):
+            raise CheckpointError(
+                f"checkpoint {os.fspath(path)} looks like an official AdaFuse file, which does not "
+                "record whether the network shifts channels in time: name the model "
+                "(adafuse_tsn_r50 or adafuse_tsm_r50) and give frames")
+        try:
+            official = config_from_state(state)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
     name = name or saved_name
     if name is None:
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not say which model it is for: "
@@ -189,3 +201,5 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
 register("vared_r2plus1d_18", vared_r2plus1d_18, family="vared")
 register("tada2d", tada2d, family="tada")
 register("adafocus_v3", adafocus_v3, family="adafocus")
+register("adafuse_tsn_r50", adafuse_tsn_r50, family="adafuse")
+register("adafuse_tsm_r50", adafuse_tsm_r50, family="adafuse")

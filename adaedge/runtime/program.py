@@ -98,8 +98,13 @@ class Runtime:
             if step["op"] == "run":
                 used.append(step["piece"])
             elif step["op"] == "switch":
-                used.append(step["gate"]["piece"])
+                if "gate" in step:
+                    used.append(step["gate"]["piece"])
                 used.extend(b["piece"] for b in step["branches"])
+        self.constants: Dict[str, np.ndarray] = bundle.constants()
+        # pieces exported for one clip (or stream) per call: a group of several runs row by row
+        self._single = {n for n, p in self.manifest.pieces.items()
+                        if p.inputs and p.inputs[0].shape[:1] == [1]}
         self.executables: Dict[str, Executable] = {}
         for i, name in enumerate(dict.fromkeys(used)):
             if progress:
@@ -141,14 +146,19 @@ class Runtime:
 
     # -- input ------------------------------------------------------------------------------
     def check_clips(self, clips: Any) -> np.ndarray:
+        """Clips as contiguous float32 (N, C, T, H, W); a stream bundle takes any T >= 1."""
         expected = self.manifest.clip_shape
         arr = np.asarray(clips)
         if arr.dtype.kind not in "fiu":
             raise InputError(f"clips must be numeric, got dtype {arr.dtype}")
-        if arr.ndim != 5 or list(arr.shape[1:]) != expected or arr.shape[0] < 1:
+        got = list(arr.shape[1:])
+        if self.manifest.window is not None and arr.ndim == 5 and arr.shape[2] >= 1:
+            got[1] = 1
+        if arr.ndim != 5 or got != expected or arr.shape[0] < 1:
+            frames = "T" if self.manifest.window is not None else str(expected[1])
             raise InputError(f"clips of shape {tuple(arr.shape)} do not match the bundle's input "
-                             f"(N, {', '.join(map(str, expected))}) in layout NCTHW, normalised "
-                             "with the manifest's mean and std")
+                             f"(N, {expected[0]}, {frames}, {expected[2]}, {expected[3]}) in "
+                             "layout NCTHW, normalised with the manifest's mean and std")
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def initial_state(self, batch: int) -> Dict[str, np.ndarray]:
@@ -160,9 +170,16 @@ class Runtime:
 
     # -- the interpreter --------------------------------------------------------------------
     def _run(self, piece: str, step: str, feeds: Mapping[str, np.ndarray],
-             rows: np.ndarray, traces: List[Trace]) -> Dict[str, np.ndarray]:
+             rows: np.ndarray, traces: List[Trace],
+             shared: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        out = self.executables[piece].run(feeds)
+        exe = self.executables[piece]
+        if piece in self._single and len(rows) > 1:
+            parts = [exe.run({k: (v if k in shared else v[i:i + 1]) for k, v in feeds.items()})
+                     for i in range(len(rows))]
+            out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            out = exe.run(feeds)
         ms = (time.perf_counter() - t0) * 1e3
         flops = self._flops[piece]
         for r in rows:
@@ -183,8 +200,31 @@ class Runtime:
         at the named exit step, or each clip at its own (a sequence of names, None for no exit);
         ``state`` is the carried state of a stream (default: zeros); ``exits=False`` takes no
         exit (every clip runs the whole program) unless ``exit_at`` says otherwise.
+
+        A stream bundle (``manifest.window``) takes the T frames of ``clips`` one call each, in
+        order, carrying the state from frame to frame; the scores are those after the last frame,
+        and each trace adds up all frames (its branches are keyed ``"<switch>@<frame>"``).
         """
         x = self.check_clips(clips)
+        if self.manifest.window is not None and x.shape[2] > 1:
+            results = []
+            for t in range(x.shape[2]):
+                r = self.classify(x[:, :, t:t + 1], force, budget, exit_at, keep_values, state,
+                                  exits)
+                state = r.state
+                results.append(r)
+            traces = []
+            for i in range(x.shape[0]):
+                tr = Trace()
+                for t, r in enumerate(results):
+                    one = r.traces[i]
+                    tr.flops += one.flops
+                    tr.steps += one.steps
+                    tr.branches.update({f"{k}@{t}": v for k, v in one.branches.items()})
+                    tr.exit = one.exit
+                traces.append(tr)
+            return Result(scores=results[-1].scores, traces=traces, values=results[-1].values,
+                          state=results[-1].state)
         n = x.shape[0]
         if budget is not None:
             budget = budget_key(budget)
@@ -201,18 +241,29 @@ class Runtime:
             if spec.name not in st or st[spec.name].shape[0] != n:
                 raise InputError(f"state {spec.name!r} is missing or not for a batch of {n}")
         values.update(st)
-        new_state = {k: v.copy() for k, v in st.items()}
+        new_state = dict(st)
         traces = [Trace() for _ in range(n)]
         active = np.arange(n)            # original clip index of each row still running
         results: List[Optional[np.ndarray]] = [None] * n
         kept: Dict[str, np.ndarray] = {}
 
+        constants = self.constants
+
         def feed(mapping: Mapping[str, str], step: str) -> Dict[str, np.ndarray]:
-            try:
-                return {k: values[v] for k, v in mapping.items()}
-            except KeyError as e:
-                raise BundleError(f"program step {step!r} reads value {e.args[0]!r} before any "
-                                  "step writes it") from None
+            out = {}
+            for k, v in mapping.items():
+                arr = values.get(v)
+                if arr is None:
+                    arr = constants.get(v)
+                if arr is None:
+                    raise BundleError(f"program step {step!r} reads value {v!r} before any "
+                                      "step writes it")
+                out[k] = arr
+            return out
+
+        def shared(mapping: Mapping[str, str]) -> List[str]:
+            """Inputs fed from constants: the same for every row, never split by row."""
+            return [k for k, v in mapping.items() if v in constants and v not in values]
 
         def store(mapping: Mapping[str, str], outs: Mapping[str, np.ndarray]) -> None:
             for k, v in mapping.items():
@@ -225,13 +276,22 @@ class Runtime:
                 break
             op, name = step["op"], step["name"]
             if op == "run":
-                outs = self._run(step["piece"], name, feed(step["inputs"], name), active, traces)
+                outs = self._run(step["piece"], name, feed(step["inputs"], name), active, traces,
+                                 shared(step["inputs"]))
                 store(step["outputs"], outs)
             elif op == "switch":
                 branches = step["branches"]
                 feeds = feed(step["inputs"], name)
+                fixed = shared(step["inputs"])
                 if name in forced:
                     choice = np.full(len(active), forced[name], dtype=np.int64)
+                elif "select" in step:
+                    choice = np.asarray(feed({"select": step["select"]}, name)["select"])
+                    choice = choice.reshape(-1).astype(np.int64)
+                    if choice.shape[0] != len(active) or choice.min() < 0 or \
+                            choice.max() >= len(branches):
+                        raise BundleError(f"value {step['select']!r} selects branches {choice} "
+                                          f"outside 0..{len(branches) - 1} at {name!r}")
                 else:
                     gate = step["gate"]
                     gouts = self._run(gate["piece"], name + ".gate", feed(gate["inputs"], name),
@@ -245,13 +305,15 @@ class Runtime:
                     traces[row].branches[name] = branches[int(c)]["name"]
                 uniq = np.unique(choice)
                 if len(uniq) == 1:
-                    outs = self._run(branches[int(uniq[0])]["piece"], name, feeds, active, traces)
+                    outs = self._run(branches[int(uniq[0])]["piece"], name, feeds, active, traces,
+                                     fixed)
                 else:
                     outs = {}
                     for b in uniq:
                         sel = np.nonzero(choice == b)[0]
-                        sub = {k: v[sel] for k, v in feeds.items()}
-                        part = self._run(branches[int(b)]["piece"], name, sub, active[sel], traces)
+                        sub = {k: (v if k in fixed else v[sel]) for k, v in feeds.items()}
+                        part = self._run(branches[int(b)]["piece"], name, sub, active[sel], traces,
+                                         fixed)
                         for k, v in part.items():
                             if k not in outs:
                                 outs[k] = np.empty((len(active),) + v.shape[1:], dtype=v.dtype)
@@ -285,7 +347,13 @@ class Runtime:
                     active = active[keep]
                     values = {k: v[keep] for k, v in values.items()}
             elif op == "carry":
-                new_state[step["state"]][active] = values[step["value"]]
+                value = values[step["value"]]
+                if len(active) == n and value.shape == new_state[step["state"]].shape:
+                    new_state[step["state"]] = value     # pieces return fresh arrays: no copy
+                else:
+                    if new_state[step["state"]] is st.get(step["state"]):
+                        new_state[step["state"]] = new_state[step["state"]].copy()
+                    new_state[step["state"]][active] = value
         if len(active):
             final = values.get(m.output)
             if final is None:
