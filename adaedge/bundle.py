@@ -38,7 +38,8 @@ Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
 * ``{"op": "switch", "name", "gate": {"piece", "inputs", "decision", "scores"},
   "branches": [{"name", "piece"}], "inputs", "outputs"}``: the gate piece's ``decision`` output
   (int64, one per clip) picks the branch; all branch pieces share I/O names. Instead of ``gate``, a
-  switch may name ``"select": value``: an int64 value (one per clip) an earlier step computed.
+  switch may name ``"select": value``: an int64 value (one per clip) an earlier step computed. A
+  branch ``{"name", "pass": {output: input}}`` runs no piece: it forwards inputs as outputs.
 * ``{"op": "exit", "name", "scores", "criterion": "entropy" | "max_prob", "thresholds": {budget: t}}``:
   clips whose ``scores`` (softmax of) meet the criterion stop here with those scores.
 * ``{"op": "carry", "name", "value", "state"}``: keep ``value`` as state for the next call.
@@ -165,7 +166,8 @@ class Manifest:
             if step["op"] == "run":
                 flops += self.pieces[step["piece"]].flops
             elif step["op"] == "switch":
-                flops += self.pieces[step["branches"][table.get(step["name"], 0)]["piece"]].flops
+                branch = step["branches"][table.get(step["name"], 0)]
+                flops += self.pieces[branch["piece"]].flops if "piece" in branch else 0
         return flops
 
 
@@ -292,8 +294,12 @@ def _check_step(step: Any, i: int, pieces: Dict[str, Piece]) -> None:
         if not branches:
             raise BundleError(f"manifest: {where}.branches is empty")
         first: Optional[Piece] = None
+        passes = []
         for j, b in enumerate(branches):
             _name(_need(b, "name", str, f"{where}.branches[{j}]"), f"{where}.branches[{j}].name")
+            if isinstance(b, dict) and "pass" in b and "piece" not in b:
+                passes.append((j, _need(b, "pass", dict, f"{where}.branches[{j}]")))
+                continue
             p = piece(_need(b, "piece", str, f"{where}.branches[{j}]"),
                       f"{where}.branches[{j}].piece")
             if first is None:
@@ -302,9 +308,15 @@ def _check_step(step: Any, i: int, pieces: Dict[str, Piece]) -> None:
                     ([t.name for t in first.inputs], [t.name for t in first.outputs]):
                 raise BundleError(f"manifest: {where}: branch {p.name!r} does not have the I/O "
                                   f"names of {first.name!r}")
-        assert first is not None
+        if first is None:
+            raise BundleError(f"manifest: {where} has no branch that runs a piece")
         _io_map(step.get("inputs"), f"{where}.inputs", [t.name for t in first.inputs])
         _io_map(step.get("outputs"), f"{where}.outputs", [t.name for t in first.outputs])
+        for j, mapping in passes:
+            if set(mapping) != {t.name for t in first.outputs} or any(
+                    v not in step["inputs"] for v in mapping.values()):
+                raise BundleError(f"manifest: {where}.branches[{j}].pass must map every output "
+                                  "of the branches to one of the step's inputs")
     elif op == "exit":
         _name(_need(step, "scores", str, where), f"{where}.scores")
         crit = _need(step, "criterion", str, where)

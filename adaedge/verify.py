@@ -142,7 +142,8 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             if not err <= rtol:
                 if step["op"] == "switch":
                     used = sorted({t.branches.get(step["name"], "?") for t in result.traces})
-                    pieces = [b["piece"] for b in step["branches"] if b["name"] in used]
+                    pieces = [b["piece"] for b in step["branches"]
+                              if b["name"] in used and "piece" in b]
                 else:
                     pieces = [step["piece"]]
                 return CaseResult(name, False, worst,

@@ -116,14 +116,16 @@ def policy_decisions(g: Graph, block: AdaBlock, v: str, v_prev: str) -> str:
     return g.op("ArgMax", logits, axis=2, keepdims=0)
 
 
-def action_mask(g: Graph, decisions: str, action: int, spatial: bool = True) -> str:
-    """1.0 where a channel takes ``action`` (N, C[, 1, 1]), else 0.0."""
+def action_mask(g: Graph, decisions: str, action: int) -> str:
+    """1.0 where a channel takes ``action`` (N, C, 1, 1), else 0.0."""
     m = g.op("Cast", g.op("Equal", decisions, g.const(np.array(action, np.int64), "act")), to=1)
-    return g.op("Unsqueeze", m, g.const(np.array([2, 3], np.int64), "axes")) if spatial else m
+    return g.op("Unsqueeze", m, g.const(np.array([2, 3], np.int64), "axes"))
 
 
 def pooled(g: Graph, x: str) -> str:
-    return g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    """The spatial mean (N, C) (a ReduceMean: ONNX Runtime reorders the input of a
+    GlobalAveragePool into its blocked layout first, which costs more than the mean)."""
+    return g.op("ReduceMean", x, axes=[2, 3], keepdims=0)
 
 
 def block_tail(g: Graph, block: AdaBlock, z: str, x: str, xs: str) -> str:
@@ -245,77 +247,78 @@ def dense_block(g: Graph, block: AdaBlock, x: str, s: BlockShape, frames: Frames
 # ---------------------------------------------------------------------------------------------
 # gathered pieces
 
-def channel_list(g: Graph, mask: str, channels: int) -> Tuple[str, str]:
-    """Indices (N, C) int64 of the channels where ``mask`` (N, C) is 1, in increasing order, then
-    ``C`` (the all-zero padding slot) in the rest; and their count (N, 1) float."""
-    rank = g.const(np.arange(channels, 0, -1, dtype=np.float32), "rank")
-    _, order = g.op("TopK", g.op("Mul", mask, rank), g.const(np.array([channels], np.int64), "k"),
-                    axis=1, largest=1, sorted=1, outputs=2)
-    count = g.op("ReduceSum", mask, g.const(np.array([1], np.int64), "ax"), keepdims=1)
-    slot = g.const(np.arange(channels, dtype=np.float32)[None], "slot")
-    idx = g.op("Where", g.op("Less", slot, count), order,
-               g.const(np.array(channels, np.int64), "pad"))
-    return idx, count
-
-
-def bucket_choice(g: Graph, count: str, step: int, last: int, from_zero: bool) -> str:
-    """The bucket (N,) int64 holding ``count`` channels: ceil(count / step) - 1 (or without the
-    -1 where bucket 0 means none), within 0..last."""
-    b = g.op("Ceil", g.op("Div", count, g.const(np.array(float(step), np.float32), "step")))
-    if not from_zero:
-        b = g.op("Sub", b, g.const(np.array(1.0, np.float32), "one"))
-    b = g.op("Clip", b, g.const(np.array(0.0, np.float32), "lo"),
-             g.const(np.array(float(last), np.float32), "hi"))
-    return g.op("Reshape", g.op("Cast", b, to=7), g.const(np.array([-1], np.int64), "flat"))
+LISTS = ("keep", "late", "used")   # the three channel lists a gathered block needs
 
 
 def gate_graph(block: AdaBlock, s: BlockShape, buckets: int) -> Tuple[onnx.ModelProto,
                                                                        StreamFrames]:
-    """The gathered block's front: temporal shift, policy, channel lists and bucket choices."""
+    """The gathered block's front: temporal shift, policy, and three channel lists with their
+    bucket choices, computed together (few nodes: each costs a fixed time on the CPU).
+
+    Lists (N, 1, C) int64, in increasing channel order, padded with ``C`` (the all-zero slot):
+    ``keep`` the channels computed now, ``late`` those reused now that the previous frame did not
+    compute (their ``stale`` state is 1), ``used`` the channels not skipped. Buckets (N, 1, 1)
+    int64: ``keep`` and ``used`` index the bucket sizes, ``late`` the sizes after a 0 (none).
+    """
     g = Graph("gate")
     frames = StreamFrames()
     x = g.input("x", ["N", s.cin, s.h, s.w])
     xs = frames.shift(g, x, s, block.shift)
     v = pooled(g, xs)
     d = policy_decisions(g, block, v, frames.previous(g, v, "pooled", [s.cin]))
-    keep = action_mask(g, d, KEEP, spatial=False)
-    reuse = action_mask(g, d, REUSE, spatial=False)
-    # channels whose previous first-convolution output was not computed (1.0): zero state = none
-    stale = g.input("stale_prev", ["N", s.c1])
-    frames.specs["stale_prev"] = [s.c1]
+    stale = g.input("stale_prev", ["N", 1, s.c1])
+    frames.specs["stale_prev"] = [1, s.c1]
     frames.carried["stale_next"] = "stale_prev"
+    # rows keep, reuse, skip (N, 3, C) -> lists keep, reuse * stale, 1 - skip
+    onehot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", d, g.const(np.array([1], np.int64),
+                                                                    "ax")),
+                               g.const(np.array([KEEP, REUSE, SKIP], np.int64)[None, :, None],
+                                       "actions")), to=1)
+    scale = g.op("Add", g.const(np.array([1, 0, -1], np.float32)[None, :, None], "a"),
+                 g.op("Mul", g.const(np.array([0, 1, 0], np.float32)[None, :, None], "b"),
+                      stale))
+    lists = g.op("Add", g.op("Mul", onehot, scale),
+                 g.const(np.array([0, 0, 1], np.float32)[None, :, None], "c"))
+    rank = g.const(np.arange(s.c1, 0, -1, dtype=np.float32)[None, None], "rank")
+    _, order = g.op("TopK", g.op("Mul", lists, rank), g.const(np.array([s.c1], np.int64), "k"),
+                    axis=2, largest=1, sorted=1, outputs=2)
+    count = g.op("ReduceSum", lists, g.const(np.array([2], np.int64), "ax"), keepdims=1)
+    slot = g.const(np.arange(s.c1, dtype=np.float32)[None, None], "slot")
+    idx = g.op("Where", g.op("Less", slot, count), order, g.const(np.array(s.c1, np.int64), "pad"))
+    n = len(bucket_sizes(s.c1, buckets))
+    step = bucket_sizes(s.c1, buckets)[0]
+    ceil = g.op("Ceil", g.op("Div", count, g.const(np.array(float(step), np.float32), "step")))
+    shift = g.const(np.array([1, 0, 1], np.float32)[None, :, None], "minus")
+    top = g.const(np.array([n - 1, n, n - 1], np.float32)[None, :, None], "top")
+    choice = g.op("Max", g.op("Min", g.op("Sub", ceil, shift), top),
+                  g.const(np.array(0.0, np.float32), "zero"))
+    choice = g.op("Cast", choice, to=7)
+    idx_parts = g.op("Split", idx, axis=1, outputs=3)
+    choice_parts = g.op("Split", choice, axis=1, outputs=3)
+    for name, i_part, c_part in zip(LISTS, idx_parts, choice_parts):
+        g.output(i_part, f"{name}_idx", "int64")
+        g.output(c_part, f"{name}_bucket", "int64")
+    keep = g.op("Slice", onehot, g.const(np.array([0], np.int64), "s"),
+                g.const(np.array([1], np.int64), "e"), g.const(np.array([1], np.int64), "ax"))
     g.output(g.op("Sub", g.const(np.array(1.0, np.float32), "one"), keep), "stale_next")
-    late = g.op("Mul", reuse, stale)
-    used = g.op("Cast", g.op("Not", g.op("Equal", d, g.const(np.array(SKIP, np.int64), "skip"))),
-                to=1)
-    sizes = bucket_sizes(s.c1, buckets)
-    step = sizes[0]
-    for name, mask, from_zero in (("keep", keep, False), ("late", late, True),
-                                  ("used", used, False)):
-        idx, count = channel_list(g, mask, s.c1)
-        g.output(idx, f"{name}_idx", "int64")
-        g.output(bucket_choice(g, count, step, len(sizes) - int(not from_zero), from_zero),
-                 f"{name}_bucket", "int64")
-    g.output(xs, "xs")
+    if xs != x:              # with no temporal shift the shifted input is the input itself
+        g.output(xs, "xs")
     g.output(d, "decisions", "int64")
     return g.model(), frames
 
 
 def gathered_conv1_graph(s: BlockShape, kernel: int, stride: int, bucket: int) -> onnx.ModelProto:
     """``bucket`` rows of the first convolution, at the listed channels, scattered into the
-    channel buffer ``y`` (1, C1 + 1, H1, W1); ``bucket`` 0 passes ``y`` through."""
+    channel buffer ``y`` (1, C1 + 1, H1, W1)."""
     g = Graph(f"conv1_{bucket}")
     x = g.input("x", [1, s.cin, s.h, s.w])
-    idx = g.input("idx", [1, s.c1], "int64")
+    idx = g.input("idx", [1, 1, s.c1], "int64")
     y = g.input("y", [1, s.c1 + 1, s.h1, s.w1])
     w = g.input("W", [s.c1 + 1, s.cin, kernel, kernel])
     b = g.input("B", [s.c1 + 1])
-    if bucket == 0:
-        g.output(y, "y_out")
-        return g.model()
     rows = g.op("Reshape", g.op("Slice", idx, g.const(np.array([0], np.int64), "s"),
                                 g.const(np.array([bucket], np.int64), "e"),
-                                g.const(np.array([1], np.int64), "ax")),
+                                g.const(np.array([2], np.int64), "ax")),
                 g.const(np.array([bucket], np.int64), "shape"))
     pad = (kernel - 1) // 2
     computed = g.op("Relu", g.op("Conv", x, g.op("Gather", w, rows, axis=0),
@@ -332,13 +335,13 @@ def gathered_conv2_graph(block: AdaBlock, s: BlockShape, bucket: int) -> onnx.Mo
     """The second convolution reading ``bucket`` listed channels of the buffer (1, C1 + 1, ...)."""
     g = Graph(f"conv2_{bucket}")
     y = g.input("y", [1, s.c1 + 1, s.h1, s.w1])
-    idx = g.input("idx", [1, s.c1], "int64")
+    idx = g.input("idx", [1, 1, s.c1], "int64")
     k = block.conv2.kernel_size[0]
     w = g.input("W", [s.c2, s.c1 + 1, k, k])
     b = g.input("B", [s.c2])
     cols = g.op("Reshape", g.op("Slice", idx, g.const(np.array([0], np.int64), "s"),
                                 g.const(np.array([bucket], np.int64), "e"),
-                                g.const(np.array([1], np.int64), "ax")),
+                                g.const(np.array([2], np.int64), "ax")),
                 g.const(np.array([bucket], np.int64), "shape"))
     z = g.op("Conv", g.op("Gather", y, cols, axis=1), g.op("Gather", w, cols, axis=1), b,
              kernel_shape=[k, k], strides=list(block.conv2.stride),
@@ -560,8 +563,12 @@ def _gathered_block(ex: Export, block: AdaBlock, s: BlockShape, name: str, x: st
     sizes = bucket_sizes(s.c1, buckets)
     gate, frames = gate_graph(block, s, buckets)
     ex.pieces[f"{name}.gate"] = gate
-    outputs = {o: f"{name}.{o}" for o in ("xs", "decisions", "keep_idx", "keep_bucket",
-                                          "late_idx", "late_bucket", "used_idx", "used_bucket")}
+    shifted = block.shift != "none"
+    xs = f"{name}.xs" if shifted else x
+    outputs = {o: f"{name}.{o}" for o in ["decisions"] + [f"{k}_{kind}" for k in LISTS
+                                                          for kind in ("idx", "bucket")]}
+    if shifted:
+        outputs["xs"] = xs
     ex.carry(frames, name, outputs)
     ex.run(f"{name}.gate", {"x": x, **{st: f"{name}.{st}" for st in frames.specs}}, outputs)
     # state of the buffers: the shifted input and the first convolution's channels
@@ -571,8 +578,8 @@ def _gathered_block(ex: Export, block: AdaBlock, s: BlockShape, name: str, x: st
     for k, v in weights.items():
         ex.constants[f"{name}.{k}"] = v
     k1, st1 = block.conv1.kernel_size[0], block.conv1.stride[0]
-    conv1 = []
-    for b in [0] + sizes:
+    conv1: List[Dict[str, Any]] = [{"name": "0ch", "pass": {"y_out": "y"}}]
+    for b in sizes:
         piece = f"{name}.conv1_{b}"
         ex.pieces[piece] = gathered_conv1_graph(s, k1, st1, b)
         conv1.append({"name": f"{b}ch", "piece": piece})
@@ -583,7 +590,7 @@ def _gathered_block(ex: Export, block: AdaBlock, s: BlockShape, name: str, x: st
                                                      "y": f"{name}.y_prev", **w},
                        "outputs": {"y_out": f"{name}.y_fixed"}})
     ex.program.append({"op": "switch", "name": f"{name}.conv1", "select": f"{name}.keep_bucket",
-                       "branches": conv1[1:], "inputs": {"x": f"{name}.xs",
+                       "branches": conv1[1:], "inputs": {"x": xs,
                                                          "idx": f"{name}.keep_idx",
                                                          "y": f"{name}.y_fixed", **w},
                        "outputs": {"y_out": f"{name}.y"}})
@@ -599,10 +606,10 @@ def _gathered_block(ex: Export, block: AdaBlock, s: BlockShape, name: str, x: st
     ex.pieces[f"{name}.tail"] = tail_graph(block, s)
     tail_in = {"z": f"{name}.z", "x": x}
     if block.downsample0 is not None:
-        tail_in["xs"] = f"{name}.xs"
+        tail_in["xs"] = xs
     ex.run(f"{name}.tail", tail_in, {"out": name})
     ex.carries(frames, name)
-    ex.program += [{"op": "carry", "name": f"{name}.carry.xs", "value": f"{name}.xs",
+    ex.program += [{"op": "carry", "name": f"{name}.carry.xs", "value": xs,
                     "state": f"{name}.xs_prev"},
                    {"op": "carry", "name": f"{name}.carry.y", "value": f"{name}.y",
                     "state": f"{name}.y_prev"}]

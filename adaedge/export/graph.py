@@ -35,6 +35,7 @@ class Graph:
         self.initializers: List[onnx.TensorProto] = []
         self.functions: Dict[Tuple[str, str], onnx.FunctionProto] = {}
         self._count: Dict[str, int] = {}
+        self._alias: Dict[str, str] = {}    # values renamed to the graph output they became
 
     def _fresh(self, hint: str) -> str:
         n = self._count.get(hint, 0)
@@ -59,6 +60,7 @@ class Graph:
            **attrs: Any) -> Any:
         """Add a node; returns its output name (or a list of names for ``outputs > 1``)."""
         outs = [self._fresh(op_type.lower()) for _ in range(outputs)]
+        inputs = tuple(self._alias.get(i, i) for i in inputs)
         self.nodes.append(helper.make_node(op_type, list(inputs), outs,
                                            name=name or self._fresh("n_" + op_type), **attrs))
         return outs[0] if outputs == 1 else outs
@@ -73,6 +75,7 @@ class Graph:
         key = (function.name, function.overload)
         self.functions.setdefault(key, function)
         out = self._fresh(function.name.lower())
+        inputs = tuple(self._alias.get(i, i) for i in inputs)
         node = helper.make_node(function.name, list(inputs), [out], domain=function.domain,
                                 name=self._fresh("n_" + function.name), **attrs)
         if function.overload:
@@ -81,8 +84,21 @@ class Graph:
         return out
 
     def output(self, value: str, name: str, dtype: str = "float32") -> str:
-        """Expose ``value`` as graph output ``name`` (an Identity renames it)."""
-        self.nodes.append(helper.make_node("Identity", [value], [name], name=self._fresh("out")))
+        """Expose ``value`` as graph output ``name``: the node computing it writes the output
+        directly where it can, else an Identity copies it (a graph input, a constant, a value
+        already exposed under another name)."""
+        value = self._alias.get(value, value)
+        producer = next((n for n in self.nodes if value in n.output), None)
+        exposed = {o.name for o in self.outputs}
+        if producer is not None and value not in exposed and \
+                not any(i.name == value for i in self.inputs):
+            for node in self.nodes:
+                node.output[:] = [name if o == value else o for o in node.output]
+                node.input[:] = [name if i == value else i for i in node.input]
+            self._alias[value] = name
+        else:
+            self.nodes.append(helper.make_node("Identity", [value], [name],
+                                               name=self._fresh("out")))
         self.outputs.append(helper.make_tensor_value_info(name, _DTYPE[dtype], None))
         return name
 

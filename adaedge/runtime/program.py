@@ -100,7 +100,7 @@ class Runtime:
             elif step["op"] == "switch":
                 if "gate" in step:
                     used.append(step["gate"]["piece"])
-                used.extend(b["piece"] for b in step["branches"])
+                used.extend(b["piece"] for b in step["branches"] if "piece" in b)
         self.constants: Dict[str, np.ndarray] = bundle.constants()
         # pieces exported for one clip (or stream) per call: a group of several runs row by row
         self._single = {n for n, p in self.manifest.pieces.items()
@@ -187,6 +187,13 @@ class Runtime:
             tr.flops += flops
             tr.steps.append(StepRecord(step, piece, ms, len(rows)))
         return out
+
+    def _branch(self, branch: Mapping[str, Any], step: str, feeds: Mapping[str, np.ndarray],
+                rows: np.ndarray, traces: List[Trace],
+                shared: Sequence[str]) -> Dict[str, np.ndarray]:
+        if "pass" in branch:         # a branch that computes nothing forwards its inputs
+            return {out: feeds[inp] for out, inp in branch["pass"].items()}
+        return self._run(branch["piece"], step, feeds, rows, traces, shared)
 
     def classify(self, clips: Any, force: Force = None, budget: Union[str, float, None] = None,
                  exit_at: Union[str, Sequence[Optional[str]], None] = None,
@@ -305,15 +312,14 @@ class Runtime:
                     traces[row].branches[name] = branches[int(c)]["name"]
                 uniq = np.unique(choice)
                 if len(uniq) == 1:
-                    outs = self._run(branches[int(uniq[0])]["piece"], name, feeds, active, traces,
-                                     fixed)
+                    outs = self._branch(branches[int(uniq[0])], name, feeds, active, traces, fixed)
                 else:
                     outs = {}
                     for b in uniq:
                         sel = np.nonzero(choice == b)[0]
                         sub = {k: (v if k in fixed else v[sel]) for k, v in feeds.items()}
-                        part = self._run(branches[int(b)]["piece"], name, sub, active[sel], traces,
-                                         fixed)
+                        part = self._branch(branches[int(b)], name, sub, active[sel], traces,
+                                            fixed)
                         for k, v in part.items():
                             if k not in outs:
                                 outs[k] = np.empty((len(active),) + v.shape[1:], dtype=v.dtype)
