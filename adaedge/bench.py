@@ -210,7 +210,7 @@ def machine_info() -> Dict[str, Any]:
 
 def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.standard_normal([batch] + runtime.manifest.clip_shape).astype(np.float32)
+    return rng.standard_normal([batch] + runtime.manifest.full_clip_shape).astype(np.float32)
 
 
 def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,

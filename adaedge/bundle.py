@@ -142,10 +142,19 @@ class Manifest:
 
     @property
     def clip_shape(self) -> List[int]:
-        """Shape of one clip, without the batch dimension: (C, T, H, W)."""
+        """Shape of one call's input, without the batch dimension: (C, T, H, W) (T = 1 for a
+        stream bundle)."""
         spec = self.input
         return [int(spec["channels"]), int(spec["frames"]), int(spec["size"][0]),
                 int(spec["size"][1])]
+
+    @property
+    def full_clip_shape(self) -> List[int]:
+        """Shape of the clip the model classifies: a stream bundle's has ``window`` frames."""
+        shape = self.clip_shape
+        if self.window is not None:
+            shape[1] = self.window
+        return shape
 
     def switches(self) -> List[Dict[str, Any]]:
         return [s for s in self.program if s["op"] == "switch"]

@@ -96,16 +96,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = models.create(args.model, **config)
         weights = {"source": "random", "seed": args.seed}
-    options = {"routing": args.routing} if args.routing else {}
+    options: Dict[str, Any] = {"routing": args.routing} if args.routing else {}
+    if args.stream is not None:
+        options["stream"] = args.stream == "yes"
+    if args.buckets is not None:
+        options["buckets"] = args.buckets
     manifest = export(model, args.out, frames=args.frames, size=args.size,
                       execution=args.execution, labels=labels, weights=weights,
                       overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet),
                       options=options)
     total = len(manifest.pieces)
+    size = f"{manifest.input['size'][0]}x{manifest.input['size'][1]}"
+    if manifest.window is not None:
+        print(f"wrote {args.out}: {total} pieces, {len(manifest.switches())} switches, a stream "
+              f"of one {size} frame per call, scores over the last {manifest.window} frames")
+        return 0
     static = manifest.policy_flops("static")
     print(f"wrote {args.out}: {total} pieces, {len(manifest.switches())} gates, "
           f"static network {static / 1e9:.3f} GFLOPs per clip "
-          f"({manifest.input['frames']}x{manifest.input['size'][0]}x{manifest.input['size'][1]})")
+          f"({manifest.input['frames']}x{size})")
     return 0
 
 
@@ -165,7 +174,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_table
     from .runtime import load
-    options = {"threads": args.threads} if args.threads else {}
+    options: Dict[str, Any] = {"threads": args.threads} if args.threads else {}
+    if args.pool:
+        options["pool"] = args.pool
     runtime = load(args.bundle, args.backend, **options)
     clips = None
     if args.data:
@@ -302,17 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                     help="model config override, value as JSON (e.g. width_mult=0.25)")
     sp.add_argument("--execution", choices=["dynamic", "masked", "calibrated", "official",
-                                            "uncalibrated"],
+                                            "uncalibrated", "dense", "gathered", "plain"],
                     help="the form to write (default: the family's first). VA-RED²: 'dynamic' "
                          "(static pieces per branch) or 'masked' (every filter and frame computed, "
                          "then the branch's part kept, as the papers' code does; for comparison). "
                          "TAda2D: 'calibrated' (factorised calibrated convolution), 'official' "
                          "(per-clip weights and a grouped convolution, batch 1; for comparison) or "
                          "'uncalibrated' (alpha fixed at 1: the benchmark's lower bound, not the "
-                         "model's function)")
+                         "model's function). AdaFuse: 'dense' (all channels, combined by the "
+                         "policy), 'gathered' (only the channels the policy needs, bucketed "
+                         "static pieces) or 'plain' (no policy: the benchmark's baseline)")
     sp.add_argument("--routing", choices=["fused", "separate"],
                     help="TAda2D: the routing function inside each block's piece (fused, default) "
                          "or a piece of its own")
+    sp.add_argument("--stream", choices=["yes", "no"],
+                    help="AdaFuse: a per-frame program carrying state (default where the network "
+                         "allows: not with a bidirectional temporal shift) or whole clips")
+    sp.add_argument("--buckets", type=int,
+                    help="AdaFuse gathered: channel-count buckets per convolution (default 8)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
 
     sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache")
@@ -352,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--backend", default="onnxruntime")
     sp.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    sp.add_argument("--pool", choices=["session", "shared"],
+                    help="onnxruntime: a thread pool per piece (default) or one for all pieces "
+                         "(much faster for bundles of many small pieces, like AdaFuse gathered)")
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
                          '"clips_per_s", "realization"}], ...}')

@@ -5,7 +5,9 @@ everywhere, ...), so every piece of the bundle runs; a bundle without gates (TAd
 Each program value (the output of every unit) is compared in program order; the first that differs
 names the piece that produced it. With free gates the branch each gate chose must match too.
 A bundle with exit steps (AdaFocusV3) adds one case per exit: every clip stops there, and its
-scores must match the reference's prediction at that stage.
+scores must match the reference's prediction at that stage. A stream bundle (AdaFuse) is fed
+clips of ``window`` frames one frame at a time, with free decisions and under each stored policy;
+every value named after a reference module is compared at every frame, then the final scores.
 
 Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4.
 """
@@ -131,9 +133,12 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             if value not in store:
                 continue
             ref = store[value].numpy().astype(np.float64)
+            got_v = result.values.get(value)
             if step.get("layouts", {}).get(value) == "NTCHW" and ref.ndim == 5:
                 ref = ref.transpose(0, 2, 1, 3, 4)  # the module's (N, C, T, H, W)
-            got_v = result.values.get(value)
+            elif got_v is not None and ref.ndim == 4 and got_v.ndim == 5 and \
+                    ref.size == got_v.size:
+                ref = ref.reshape(got_v.shape)      # a 2D network's (N*T, C, H, W)
             if got_v is None or got_v.shape != ref.shape:
                 return CaseResult(name, False, worst, f"value {value!r} missing or of shape "
                                   f"{None if got_v is None else got_v.shape}, expected {ref.shape}")
@@ -164,7 +169,19 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     model = reference_model(b, checkpoint)
     runtime = load_runtime(b, backend, **backend_options)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal([clips] + b.manifest.clip_shape).astype(np.float32)
+    shape = b.manifest.full_clip_shape
+    if b.manifest.window is not None:
+        x = rng.standard_normal([clips] + shape).astype(np.float32)
+        report = Report(str(bundle), rtol, clips)
+        policies: List[Optional[str]] = [None] + runtime.policies
+        for k, policy in enumerate(policies):
+            if progress:
+                progress(k, len(policies), policy or "free")
+            report.cases.append(compare_stream(runtime, model, x, policy, rtol))
+        if progress:
+            progress(len(policies), len(policies), "done")
+        return report
+    x = rng.standard_normal([clips] + shape).astype(np.float32)
     switches = b.manifest.switches()
     n_branches = max((len(s["branches"]) for s in switches), default=0)
     cases: List[Tuple[str, Optional[int]]] = [("free gates", None)]
@@ -186,6 +203,49 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     if progress:
         progress(total, total, "done")
     return report
+
+
+def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
+                   policy: Optional[str], rtol: float = RTOL) -> CaseResult:
+    """A stream bundle fed the clips frame by frame: every value named after a module of the
+    reference, at every frame, then the scores after the last frame."""
+    name = "stream, free decisions" if policy is None else f"stream, every switch by {policy!r}"
+    manifest = runtime.manifest
+    value_names = [v for s in manifest.program if s["op"] in ("run", "switch")
+                   for v in s["outputs"].values()]
+    store, hooks = _capture(model, value_names)
+    try:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(clips)).numpy().astype(np.float64)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, frames = clips.shape[0], clips.shape[2]
+    state = runtime.initial_state(n)
+    worst = 0.0
+    for t in range(frames):
+        result = runtime.classify(clips[:, :, t:t + 1], force=policy, keep_values=True,
+                                  state=state)
+        state = result.state
+        for value, ref_all in store.items():
+            ref = ref_all.numpy().astype(np.float64)
+            ref = ref.reshape((n, frames) + ref.shape[1:])[:, t]
+            got = result.values.get(value)
+            if got is None or got.shape != ref.shape:
+                return CaseResult(name, False, worst, f"value {value!r} at frame {t} missing or "
+                                  f"of shape {None if got is None else got.shape}, expected "
+                                  f"{ref.shape}")
+            err = _rel(got, ref)
+            worst = max(worst, err)
+            if not err <= rtol:
+                return CaseResult(name, False, worst, f"value {value!r} differs at frame {t}: "
+                                  f"relative error {err:.3g} > {rtol:g}")
+    final = _rel(result.scores, logits)
+    worst = max(worst, final)
+    if not final <= rtol:
+        return CaseResult(name, False, worst, f"scores after {frames} frames differ: relative "
+                          f"error {final:.3g}")
+    return CaseResult(name, True, worst)
 
 
 def compare_exit(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray, exit_name: str,

@@ -297,3 +297,28 @@ def test_switch_select_and_pass_branches_are_validated(tmp_path):
         path.write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match=message):
             load_bundle(tmp_path / "g")
+
+
+def test_cli_export_verify_bench_for_streams(tmp_path, capsys):
+    from adaedge.cli import main
+    config = [f"--config={k}={json.dumps(v)}" for k, v in TINY.items()] + ['--config=shift="online"']
+    for execution in ("gathered", "dense"):
+        out = tmp_path / execution
+        assert main(["export", "adafuse_tsm_r50", "--random-weights", "--out", str(out),
+                     "--execution", execution, "--buckets", "4", "--quiet"] + config) == 0
+        assert "a stream of one 48x48 frame per call" in capsys.readouterr().out
+        assert main(["verify", str(out), "--json", "--quiet"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        names = [c["name"] for c in report["cases"]]
+        assert report["ok"] and names[0] == "stream, free decisions"
+        assert ("stream, every switch by 'widest'" in names) == (execution == "gathered")
+    assert main(["export", "adafuse_tsm_r50", "--random-weights", "--out",
+                 str(tmp_path / "clip"), "--execution", "dense", "--quiet"] +
+                config[:-1] + ["--stream", "no"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "clip"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert main(["bench", str(tmp_path / "gathered"), "--reps", "2", "--warmup", "0", "--json",
+                 "--quiet"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["configs"]
