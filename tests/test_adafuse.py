@@ -322,3 +322,35 @@ def test_cli_export_verify_bench_for_streams(tmp_path, capsys):
                  "--quiet"]) == 0
     bench = json.loads(capsys.readouterr().out)
     assert bench["configs"]
+
+
+def test_demo_streams_a_video_frame_by_frame(tmp_path):
+    """The demo offers a stream bundle every sampled frame once, as a one-frame call."""
+    pytest.importorskip("cv2")
+    from adaedge.demo import default_video, run_demo
+    model = tiny_adafuse(shift="online")
+    export(model, tmp_path / "b", execution="gathered", options={"buckets": 4},
+           labels=[f"c{i}" for i in range(5)])
+    summary = run_demo(source=default_video(), bundle=tmp_path / "b", headless=True,
+                       output=tmp_path / "out.mp4", frame_step=2, pace=False, max_frames=12,
+                       log=lambda s: None)
+    assert summary.frames_read == 12 and summary.frames_written == 12
+    assert summary.clips_submitted == 6
+    assert summary.clips_inferred + summary.clips_skipped == 6 and summary.clips_inferred >= 1
+
+
+def test_file_written_by_the_official_code_loads_and_matches_it(tmp_path):
+    """tests/data/official_adafuse_tsm_tiny.pth.tar (see tests/data/README.md): the official
+    model's scores and every block's actions, directly and through a dense clip bundle."""
+    data = Path(__file__).parent / "data"
+    io = np.load(data / "official_adafuse_tsm_tiny_io.npz")
+    model = models.load_model(data / "official_adafuse_tsm_tiny.pth.tar", name="adafuse_tsm_r50",
+                              frames=4, size=48).eval()
+    assert models.model_config(model)["enabled_stages"] == [1, 2, 3]
+    x = torch.from_numpy(io["clip"])
+    with torch.no_grad():
+        assert close(model(x).numpy(), io["logits"]) < RTOL
+    for i, d in enumerate(model.decisions(x)):
+        assert np.array_equal(d.numpy(), io[f"actions{i}"]), i
+    export(model, tmp_path / "b", options={"stream": False})
+    assert close(load(tmp_path / "b").classify(io["clip"]).scores, io["logits"]) < RTOL
