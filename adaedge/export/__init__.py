@@ -124,7 +124,7 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         constants = None
         if extras.get("constants"):
             arrays = {k: np.ascontiguousarray(v) for k, v in extras["constants"].items()}
-            np.savez(tmp / "graphs" / "constants.npz", **arrays)
+            np.savez(tmp / "graphs" / "constants.npz", **arrays)  # type: ignore[arg-type]
             constants = Constants("graphs/constants.npz",
                                   sha256_file(tmp / "graphs" / "constants.npz"),
                                   [TensorSpec(k, list(v.shape), str(v.dtype))

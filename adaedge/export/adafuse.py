@@ -210,7 +210,7 @@ class StreamFrames(Frames):
     specs: Dict[str, List[int]] = field(default_factory=dict)
 
     def previous(self, g: Graph, value: str, name: str, shape: List[int]) -> str:
-        prev = g.input(f"{name}_prev", ["N"] + shape)
+        prev = g.input(f"{name}_prev", ["N", *shape])
         g.output(value, f"{name}_next")
         self.carried[f"{name}_next"] = f"{name}_prev"
         self.specs[f"{name}_prev"] = shape
@@ -455,7 +455,7 @@ class Export:
     def carry(self, frames: StreamFrames, prefix: str, outputs: Dict[str, str]) -> None:
         """Declare the piece's state inputs and carry its next-frame outputs into them."""
         for out, state in frames.carried.items():
-            self.state.append(TensorSpec(f"{prefix}.{state}", ["N"] + frames.specs[state],
+            self.state.append(TensorSpec(f"{prefix}.{state}", ["N", *frames.specs[state]],
                                          "float32"))
             outputs[out] = f"{prefix}.{out}"
 
@@ -491,7 +491,9 @@ def export_adafuse(model: AdaFuse, frames: int, size: int, execution: Optional[s
     ex = Export()
     total = len(blocks) + 2
     clip_frames = None if stream else frames
-    layouts = (lambda v: {} if stream else {v: NTCHW})
+
+    def layouts(value: str) -> Dict[str, str]:
+        return {} if stream else {value: NTCHW}
 
     ex.pieces["stem"] = stem_graph(model, size, clip_frames)
     ex.run("stem", {"clip": "clip"}, {"features": "stem"}, layouts=layouts("stem"))
@@ -506,7 +508,7 @@ def export_adafuse(model: AdaFuse, frames: int, size: int, execution: Optional[s
         fr: Frames = StreamFrames() if stream else ClipFrames(frames)
         g = Graph(name)
         shape = [s.cin, s.h, s.w]
-        xin = g.input("x", ["N"] + shape if stream else ["N", frames] + shape)
+        xin = g.input("x", ["N", *shape] if stream else ["N", frames, *shape])
         x4 = xin if stream else g.op("Reshape", xin, g.const(np.array([-1] + shape, np.int64),
                                                             "shape"))
         out, decisions = dense_block(g, block, x4, s, fr, plain=execution == "plain")

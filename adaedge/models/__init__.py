@@ -20,7 +20,8 @@ from .tada2d import TAda2D, config_from_official, tada2d
 from .vared_r2plus1d import VaRedR2Plus1D, vared_r2plus1d_18
 
 __all__ = ["create", "available", "register", "load_checkpoint", "save_checkpoint", "load_model",
-           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "AdaFuse", "model_name", "model_config"]
+           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "AdaFuse", "model_name",
+           "model_config"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: Dict[str, str] = {}
@@ -94,7 +95,8 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     """Read a checkpoint safely (``weights_only=True``): the state dict and adaedge's metadata.
 
     Accepts our own format, ``{"state_dict": ...}`` or ``{"model": ...}`` wrappers as training
-    scripts save them (the official AdaFuse code's among them), the official TAdaConv code's ``{"model_state": ..., "cfg": json}`` (its
+    scripts save them (the official AdaFuse code's among them), the official TAdaConv code's
+    ``{"model_state": ..., "cfg": json}`` (its
     config is returned as ``meta["official_cfg"]``), and bare state dicts; strips a DataParallel
     ``module.`` prefix.
     """

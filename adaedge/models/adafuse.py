@@ -209,12 +209,14 @@ class AdaFuseResNet(nn.Module):
                 if gated and self.gate_fc0s is not None and self.gate_fc1s is not None:
                     key = f"{2 * inplanes}_{3 * planes}"      # the official keyword
                     if key not in self.gate_fc0s:
-                        self.gate_fc0s[key] = nn.Linear(2 * inplanes, hidden)
-                        self.gate_fc1s[key] = nn.Linear(hidden, 3 * planes)
-                        for fc in (self.gate_fc0s[key], self.gate_fc1s[key]):
+                        fc0, fc1 = nn.Linear(2 * inplanes, hidden), nn.Linear(hidden, 3 * planes)
+                        for fc in (fc0, fc1):
                             nn.init.normal_(fc.weight, 0, 0.001)
                             nn.init.zeros_(fc.bias)
-                    shared = (self.gate_fc0s[key], self.gate_fc1s[key])
+                        self.gate_fc0s[key], self.gate_fc1s[key] = fc0, fc1
+                    m0, m1 = self.gate_fc0s[key], self.gate_fc1s[key]
+                    assert isinstance(m0, nn.Linear) and isinstance(m1, nn.Linear)
+                    shared = (m0, m1)
                 blocks.append(AdaBlock(kind, inplanes, planes, stride, gated, hidden, shift,
                                        shift_div, shared))
                 inplanes = planes * expansion

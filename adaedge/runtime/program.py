@@ -214,24 +214,24 @@ class Runtime:
         """
         x = self.check_clips(clips)
         if self.manifest.window is not None and x.shape[2] > 1:
-            results = []
+            frames: List[Result] = []
             for t in range(x.shape[2]):
                 r = self.classify(x[:, :, t:t + 1], force, budget, exit_at, keep_values, state,
                                   exits)
                 state = r.state
-                results.append(r)
+                frames.append(r)
             traces = []
             for i in range(x.shape[0]):
                 tr = Trace()
-                for t, r in enumerate(results):
+                for t, r in enumerate(frames):
                     one = r.traces[i]
                     tr.flops += one.flops
                     tr.steps += one.steps
                     tr.branches.update({f"{k}@{t}": v for k, v in one.branches.items()})
                     tr.exit = one.exit
                 traces.append(tr)
-            return Result(scores=results[-1].scores, traces=traces, values=results[-1].values,
-                          state=results[-1].state)
+            return Result(scores=frames[-1].scores, traces=traces, values=frames[-1].values,
+                          state=frames[-1].state)
         n = x.shape[0]
         if budget is not None:
             budget = budget_key(budget)
