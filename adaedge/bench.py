@@ -21,6 +21,8 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import json
+
 import os
 import platform
 import random
@@ -233,6 +235,21 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
                          batch=batch)
     report.meta["backend"] = runtime.backend.name
     return report
+
+
+def print_report(report: BenchReport, summary: Dict[str, Any], as_json: bool) -> None:
+    """A benchmark script's output: JSON (the report with its ``summary``), or a header line
+    (model, onnxruntime version, threads and pool, processor) and the table."""
+    if as_json:
+        out = report.to_json()
+        out["summary"] = summary
+        print(json.dumps(out))
+        return
+    meta = report.meta
+    pool = f" ({meta['pool']} pool)" if meta.get("pool") else ""
+    print(f"{meta['model']}, onnxruntime {meta.get('onnxruntime')}, {meta['threads']} "
+          f"threads{pool}, {meta.get('cpu', '?')}")
+    print(format_table(report))
 
 
 def format_table(report: BenchReport) -> str:

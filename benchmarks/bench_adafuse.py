@@ -26,7 +26,6 @@ plus bucket padding). Issue target: at least 0.6.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from adaedge import models, runtime
-from adaedge.bench import Config, format_table, run_configs
+from adaedge.bench import Config, print_report, run_configs
 from adaedge.export import export
 from adaedge.models.adafuse import AdaFuse
 
@@ -121,16 +120,10 @@ def main(argv=None) -> int:
         "realisation_executed": (1 - t["gathered"] / t["plain"]) / (1 - executed / plain_flops),
         "gathered_over_dense": t["gathered"] / t["dense"],
     }
+    print_report(report, summary, args.json)
     if args.json:
-        out = report.to_json()
-        out["summary"] = summary
-        print(json.dumps(out))
         return 0
-    print(f"{report.meta['model']}, onnxruntime {report.meta.get('onnxruntime')}, "
-          f"{report.meta['threads']} threads ({report.meta['pool']} pool), "
-          f"{report.meta.get('cpu', '?')}")
     print(f"decisions (skip, reuse, keep): {', '.join(f'{v:.3f}' for v in reached)}")
-    print(format_table(report))
     print(f"FLOPs per clip: plain {plain_flops / 1e9:.2f} G, Eq. 5 {eq5 / 1e9:.2f} G "
           f"({100 * (1 - eq5 / plain_flops):.0f}% saved), gathered executed "
           f"{executed / 1e9:.2f} G (bucket padding included)")

@@ -21,7 +21,6 @@ Weights do not change the timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from adaedge import models, runtime
-from adaedge.bench import Config, format_table, random_clips, run_configs
+from adaedge.bench import Config, print_report, random_clips, run_configs
 from adaedge.export import export
 
 FORMS = {"tada2d": ("calibrated", "fused"),
@@ -79,14 +78,9 @@ def main(argv=None) -> int:
     lower = report.get("uncalibrated").median_ms
     summary = {f"{c.name}/uncalibrated": c.median_ms / lower for c in report.configs
                if c.name != "uncalibrated"}
+    print_report(report, summary, args.json)
     if args.json:
-        out = report.to_json()
-        out["summary"] = summary
-        print(json.dumps(out))
         return 0
-    print(f"{report.meta['model']}, onnxruntime {report.meta.get('onnxruntime')}, "
-          f"{report.meta['threads']} threads, {report.meta.get('cpu', '?')}")
-    print(format_table(report))
     for key, ratio in summary.items():
         print(f"{key}: {ratio:.3f}x the lower bound's latency")
     return 0

@@ -20,7 +20,6 @@ forced policy; they only decide what free gates choose.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from adaedge import models, runtime
-from adaedge.bench import Config, format_table, random_clips, run_configs
+from adaedge.bench import Config, print_report, random_clips, run_configs
 from adaedge.export import export
 
 
@@ -87,14 +86,9 @@ def main(argv=None) -> int:
     for pol in ("all-half", "all-stride2", "cheapest"):
         summary[f"masked_over_static_pieces:{pol}"] = (report.get(f"masked-{pol}").median_ms
                                                        / report.get(pol).median_ms)
+    print_report(report, summary, args.json)
     if args.json:
-        out = report.to_json()
-        out["summary"] = summary
-        print(json.dumps(out))
         return 0
-    print(f"{report.meta['model']}, onnxruntime {report.meta.get('onnxruntime')}, "
-          f"{report.meta['threads']} threads, {report.meta.get('cpu', '?')}")
-    print(format_table(report))
     print(f"free gates (always choosing full) vs static: {summary['gate_overhead'] * 100:+.1f}%")
     for pol in ("all-half", "all-stride2", "cheapest"):
         ratio = summary[f"masked_over_static_pieces:{pol}"]
