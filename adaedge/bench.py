@@ -22,7 +22,6 @@ This module never imports torch.
 from __future__ import annotations
 
 import json
-
 import os
 import platform
 import random

@@ -236,6 +236,13 @@ def _name(val: Any, where: str) -> str:
     return val
 
 
+def _digest(obj: Mapping[str, Any], where: str) -> str:
+    sha = _need(obj, "sha256", str, where)
+    if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise BundleError(f"manifest: {where}.sha256 is not a SHA-256 hex digest")
+    return sha
+
+
 def _tensor(obj: Any, where: str) -> TensorSpec:
     name = _name(_need(obj, "name", str, where), f"{where}.name")
     shape = _need(obj, "shape", list, where)
@@ -392,9 +399,7 @@ def parse_manifest(data: Any) -> Manifest:
         file = _need(p, "file", str, where)
         if not file.endswith(".onnx"):
             raise BundleError(f"manifest: {where}.file {file!r} is not an .onnx file")
-        sha = _need(p, "sha256", str, where)
-        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-            raise BundleError(f"manifest: {where}.sha256 is not a SHA-256 hex digest")
+        sha = _digest(p, where)
         flops = _need(p, "flops", int, where)
         if flops < 0:
             raise BundleError(f"manifest: {where}.flops must not be negative")
@@ -428,9 +433,7 @@ def parse_manifest(data: Any) -> Manifest:
         file = _need(c, "file", str, "constants")
         if not file.endswith(".npz"):
             raise BundleError(f"manifest: constants.file {file!r} is not an .npz file")
-        sha = _need(c, "sha256", str, "constants")
-        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-            raise BundleError("manifest: constants.sha256 is not a SHA-256 hex digest")
+        sha = _digest(c, "constants")
         tensors = [_tensor(t, f"constants.tensors[{i}]")
                    for i, t in enumerate(_need(c, "tensors", list, "constants"))]
         for t in tensors:
@@ -464,16 +467,20 @@ class Bundle:
         if name in self._verified:
             return self._verified[name]
         piece = self.manifest.pieces[name]
-        path = safe_join(self.root, piece.file)
-        if not path.is_file():
-            raise BundleError(f"bundle {self.root}: piece {name!r} is missing its file {piece.file}")
-        if check_hash:
-            digest = sha256_file(path)
-            if digest != piece.sha256:
-                raise BundleError(f"bundle {self.root}: piece {name!r} ({piece.file}) is corrupt: "
-                                  f"SHA-256 {digest[:12]}… does not match the manifest's "
-                                  f"{piece.sha256[:12]}…")
+        path = self._file(piece.file, piece.sha256 if check_hash else None, f"piece {name!r}")
         self._verified[name] = path
+        return path
+
+    def _file(self, relative: str, sha256: Optional[str], what: str) -> Path:
+        """A file of the bundle, inside it, present and (given ``sha256``) matching its hash."""
+        path = safe_join(self.root, relative)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: {what} is missing its file {relative}")
+        if sha256 is not None:
+            digest = sha256_file(path)
+            if digest != sha256:
+                raise BundleError(f"bundle {self.root}: {what} ({relative}) is corrupt: SHA-256 "
+                                  f"{digest[:12]}… does not match the manifest's {sha256[:12]}…")
         return path
 
     def verify_files(self) -> None:
@@ -487,13 +494,7 @@ class Bundle:
         spec = self.manifest.constants
         if spec is None:
             return {}
-        path = safe_join(self.root, spec.file)
-        if not path.is_file():
-            raise BundleError(f"bundle {self.root}: constants file {spec.file} is missing")
-        digest = sha256_file(path)
-        if digest != spec.sha256:
-            raise BundleError(f"bundle {self.root}: constants file {spec.file} is corrupt: SHA-256 "
-                              f"{digest[:12]}… does not match the manifest's {spec.sha256[:12]}…")
+        path = self._file(spec.file, spec.sha256, "constants file")
         out: Dict[str, Any] = {}
         try:
             with np.load(path, allow_pickle=False) as data:

@@ -90,6 +90,12 @@ def _capture(model: torch.nn.Module, names: List[str]) -> Tuple[Dict[str, torch.
     return store, hooks
 
 
+def _piece_outputs(manifest: Any) -> List[str]:
+    """Every value a run or switch step writes, in program order."""
+    return [v for s in manifest.program if s["op"] in ("run", "switch")
+            for v in s["outputs"].values()]
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     scale = float(np.abs(b).max()) if b.size else 0.0
     return float(np.abs(a.astype(np.float64) - b).max()) / max(scale, 1e-12) if b.size else 0.0
@@ -99,9 +105,7 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             force: Optional[int], name: str, rtol: float = RTOL) -> CaseResult:
     """Run one case on both sides and compare every program value in program order."""
     manifest = runtime.manifest
-    value_names = [v for s in manifest.program if s["op"] in ("run", "switch")
-                   for v in s["outputs"].values()]
-    store, hooks = _capture(model, value_names)
+    store, hooks = _capture(model, _piece_outputs(manifest))
     set_policy = getattr(model, "set_policy", None)  # models without branches have none
     try:
         if set_policy is not None:
@@ -169,9 +173,8 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     model = reference_model(b, checkpoint)
     runtime = load_runtime(b, backend, **backend_options)
     rng = np.random.default_rng(seed)
-    shape = b.manifest.full_clip_shape
+    x = rng.standard_normal([clips] + b.manifest.full_clip_shape).astype(np.float32)
     if b.manifest.window is not None:
-        x = rng.standard_normal([clips] + shape).astype(np.float32)
         report = Report(str(bundle), rtol, clips)
         policies: List[Optional[str]] = [None] + runtime.policies
         for k, policy in enumerate(policies):
@@ -181,7 +184,6 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
         if progress:
             progress(len(policies), len(policies), "done")
         return report
-    x = rng.standard_normal([clips] + shape).astype(np.float32)
     switches = b.manifest.switches()
     n_branches = max((len(s["branches"]) for s in switches), default=0)
     cases: List[Tuple[str, Optional[int]]] = [("free gates", None)]
@@ -211,9 +213,7 @@ def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
     reference, at every frame, then the scores after the last frame."""
     name = "stream, free decisions" if policy is None else f"stream, every switch by {policy!r}"
     manifest = runtime.manifest
-    value_names = [v for s in manifest.program if s["op"] in ("run", "switch")
-                   for v in s["outputs"].values()]
-    store, hooks = _capture(model, value_names)
+    store, hooks = _capture(model, _piece_outputs(manifest))
     try:
         with torch.no_grad():
             logits = model(torch.from_numpy(clips)).numpy().astype(np.float64)

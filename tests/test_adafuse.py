@@ -21,6 +21,8 @@ from adaedge.models import CheckpointError
 from adaedge.models.adafuse import KEEP, REUSE, SKIP, AdaFuse, previous_frame, temporal_shift
 from adaedge.runtime import Stream, load
 
+from .conftest import randomize
+
 RTOL = 1e-4
 TINY = dict(depth=50, num_classes=5, frames=4, size=48, base_width=8, hidden_dim=16)
 
@@ -33,16 +35,11 @@ def tiny_adafuse(seed: int = 0, **overrides: object) -> AdaFuse:
     config.update(overrides)
     name = "adafuse_tsm_r50" if config.get("shift", "none") != "none" else "adafuse_tsn_r50"
     model = models.create(name, **config)
-    g = torch.Generator().manual_seed(seed)
+    randomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
-            elif isinstance(m, torch.nn.Linear):
+            if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
     return model.eval()

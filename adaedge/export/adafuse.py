@@ -94,12 +94,6 @@ def bucket_sizes(channels: int, buckets: int) -> List[int]:
 # ---------------------------------------------------------------------------------------------
 # graph fragments
 
-def _conv(g: Graph, x: str, w: np.ndarray, b: np.ndarray, stride: Tuple[int, int],
-          padding: Tuple[int, int]) -> str:
-    return g.op("Conv", x, g.const(w, "w"), g.const(b, "b"), kernel_shape=list(w.shape[2:]),
-                strides=list(stride), pads=[padding[0], padding[1]] * 2)
-
-
 def policy_decisions(g: Graph, block: AdaBlock, v: str, v_prev: str) -> str:
     """Arg-max actions (N, C) int64 of the policy on pooled inputs (N, C_in): its batch norm is
     folded into the first linear layer."""
@@ -285,8 +279,8 @@ def gate_graph(block: AdaBlock, s: BlockShape, buckets: int) -> Tuple[onnx.Model
     count = g.op("ReduceSum", lists, g.const(np.array([2], np.int64), "ax"), keepdims=1)
     slot = g.const(np.arange(s.c1, dtype=np.float32)[None, None], "slot")
     idx = g.op("Where", g.op("Less", slot, count), order, g.const(np.array(s.c1, np.int64), "pad"))
-    n = len(bucket_sizes(s.c1, buckets))
-    step = bucket_sizes(s.c1, buckets)[0]
+    sizes = bucket_sizes(s.c1, buckets)
+    n, step = len(sizes), sizes[0]
     ceil = g.op("Ceil", g.op("Div", count, g.const(np.array(float(step), np.float32), "step")))
     shift = g.const(np.array([1, 0, 1], np.float32)[None, :, None], "minus")
     top = g.const(np.array([n - 1, n, n - 1], np.float32)[None, :, None], "top")
@@ -307,6 +301,13 @@ def gate_graph(block: AdaBlock, s: BlockShape, buckets: int) -> Tuple[onnx.Model
     return g.model(), frames
 
 
+def first_slots(g: Graph, idx: str, bucket: int) -> str:
+    """The first ``bucket`` entries (bucket,) of a channel list (1, 1, C)."""
+    head = g.op("Slice", idx, g.const(np.array([0], np.int64), "s"),
+                g.const(np.array([bucket], np.int64), "e"), g.const(np.array([2], np.int64), "ax"))
+    return g.op("Reshape", head, g.const(np.array([bucket], np.int64), "shape"))
+
+
 def gathered_conv1_graph(s: BlockShape, kernel: int, stride: int, bucket: int) -> onnx.ModelProto:
     """``bucket`` rows of the first convolution, at the listed channels, scattered into the
     channel buffer ``y`` (1, C1 + 1, H1, W1)."""
@@ -316,10 +317,7 @@ def gathered_conv1_graph(s: BlockShape, kernel: int, stride: int, bucket: int) -
     y = g.input("y", [1, s.c1 + 1, s.h1, s.w1])
     w = g.input("W", [s.c1 + 1, s.cin, kernel, kernel])
     b = g.input("B", [s.c1 + 1])
-    rows = g.op("Reshape", g.op("Slice", idx, g.const(np.array([0], np.int64), "s"),
-                                g.const(np.array([bucket], np.int64), "e"),
-                                g.const(np.array([2], np.int64), "ax")),
-                g.const(np.array([bucket], np.int64), "shape"))
+    rows = first_slots(g, idx, bucket)
     pad = (kernel - 1) // 2
     computed = g.op("Relu", g.op("Conv", x, g.op("Gather", w, rows, axis=0),
                                  g.op("Gather", b, rows, axis=0), kernel_shape=[kernel, kernel],
@@ -339,10 +337,7 @@ def gathered_conv2_graph(block: AdaBlock, s: BlockShape, bucket: int) -> onnx.Mo
     k = block.conv2.kernel_size[0]
     w = g.input("W", [s.c2, s.c1 + 1, k, k])
     b = g.input("B", [s.c2])
-    cols = g.op("Reshape", g.op("Slice", idx, g.const(np.array([0], np.int64), "s"),
-                                g.const(np.array([bucket], np.int64), "e"),
-                                g.const(np.array([2], np.int64), "ax")),
-                g.const(np.array([bucket], np.int64), "shape"))
+    cols = first_slots(g, idx, bucket)
     z = g.op("Conv", g.op("Gather", y, cols, axis=1), g.op("Gather", w, cols, axis=1), b,
              kernel_shape=[k, k], strides=list(block.conv2.stride),
              pads=[block.conv2.padding[0]] * 4)

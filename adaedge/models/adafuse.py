@@ -300,16 +300,23 @@ class AdaFuse(nn.Module):
             out.append(macs)
         return out
 
-    def fixed_macs(self, size: Optional[int] = None) -> int:
-        """Per frame: stem, conv3 / shortcut of every block, policy networks and classifier."""
+    def policy_macs(self) -> int:
+        """Per frame: the policy networks' two linear layers."""
+        return sum(fc.in_features * fc.out_features for b in self.base_model.blocks
+                   if b.policy_net is not None
+                   for fc in (b.policy_net.gate_fc0, b.policy_net.gate_fc1))
+
+    def _static_macs(self, size: Optional[int] = None) -> int:
+        """Per frame: stem, conv3 / shortcut of every block and classifier (no policy)."""
         h = self.stem_size(size)[0]
         total = self.base_model.conv1.out_channels * h * h * 3 * 49
-        for block, macs in zip(self.base_model.blocks, self.block_macs(size)):
+        for macs in self.block_macs(size):
             total += macs.get("conv3", 0) + macs.get("downsample0", 0)
-            if block.policy_net is not None:
-                total += block.policy_net.gate_fc0.in_features * block.policy_net.gate_fc0.out_features
-                total += block.policy_net.gate_fc1.in_features * block.policy_net.gate_fc1.out_features
         return total + self.new_fc.in_features * self.new_fc.out_features
+
+    def fixed_macs(self, size: Optional[int] = None) -> int:
+        """Per frame: stem, conv3 / shortcut of every block, policy networks and classifier."""
+        return self._static_macs(size) + self.policy_macs()
 
     def flops(self, x: torch.Tensor) -> torch.Tensor:
         """Multiply-accumulates per clip (N,) under the policy's decisions, by Eq. 5: a channel of
@@ -328,10 +335,7 @@ class AdaFuse(nn.Module):
 
     def plain_macs(self) -> int:
         """Multiply-accumulates per clip of the same network with no policy (all channels kept)."""
-        per_frame = self.fixed_macs() + sum(m["conv1"] + m["conv2"] for m in self.block_macs())
-        per_frame -= sum(b.policy_net.gate_fc0.in_features * b.policy_net.gate_fc0.out_features +
-                         b.policy_net.gate_fc1.in_features * b.policy_net.gate_fc1.out_features
-                         for b in self.base_model.blocks if b.policy_net is not None)
+        per_frame = self._static_macs() + sum(m["conv1"] + m["conv2"] for m in self.block_macs())
         return per_frame * self.frames
 
 
