@@ -1,6 +1,8 @@
 """The program interpreter: gate -> branch -> ... -> exit, per clip, with the batch grouped by branch.
 
-No torch here: values are NumPy arrays with the batch first, and every piece runs through a backend.
+No torch here: values are the backend's arrays with the batch first (NumPy for the CPU backends,
+device tensors for the GPU ones, see :mod:`.arrays`), and every piece runs through a backend. Only
+gate decisions and scores come to the host.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..bundle import Bundle, BundleError, Manifest, budget_key
+from .arrays import NUMPY, ArrayOps
 from .backends import Backend, Executable, create_backend
 
 Force = Union[None, str, int, Mapping[str, int]]
@@ -46,6 +49,8 @@ class Trace:
     flops: int = 0
     steps: List[StepRecord] = field(default_factory=list)
     exit: Optional[str] = None
+    decisions: int = 0          # gate decisions brought to the host
+    decision_ms: float = 0.0    # their wall time (on a device: the wait for the gate, and the copy)
 
     @property
     def gflops(self) -> float:
@@ -53,6 +58,7 @@ class Trace:
 
     def to_json(self) -> Dict[str, Any]:
         return {"branches": self.branches, "flops": self.flops, "exit": self.exit,
+                "decisions": self.decisions, "decision_ms": round(self.decision_ms, 4),
                 "steps": [s.to_json() for s in self.steps]}
 
 
@@ -61,7 +67,7 @@ class Result:
     scores: np.ndarray                      # (N, classes)
     traces: List[Trace]
     values: Dict[str, np.ndarray] = field(default_factory=dict)  # with keep_values=True
-    state: Dict[str, np.ndarray] = field(default_factory=dict)   # state for the next call
+    state: Dict[str, Any] = field(default_factory=dict)   # state for the next call (backend arrays)
 
     @property
     def labels(self) -> np.ndarray:
@@ -89,10 +95,16 @@ def exit_measure(scores: np.ndarray, criterion: str) -> np.ndarray:
 class Runtime:
     """A loaded bundle: one executable per piece, and the program that strings them together."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, progress: Progress = None) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, progress: Progress = None,
+                 sync_steps: bool = False) -> None:
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.backend = backend
+        self.ops: ArrayOps = getattr(backend, "arrays", NUMPY)
+        # a device backend runs pieces asynchronously: a step's time is its launch, unless every
+        # step waits for the device (per-piece timings, slower overall)
+        self._sync: Optional[Callable[[], None]] = getattr(backend, "synchronize", None) \
+            if sync_steps else None
         used: List[str] = []
         for step in self.manifest.program:
             if step["op"] == "run":
@@ -101,7 +113,8 @@ class Runtime:
                 if "gate" in step:
                     used.append(step["gate"]["piece"])
                 used.extend(b["piece"] for b in step["branches"] if "piece" in b)
-        self.constants: Dict[str, np.ndarray] = bundle.constants()
+        self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
+                                          for k, v in bundle.constants().items()}
         # pieces exported for one clip (or stream) per call: a group of several runs row by row
         self._single = {n for n, p in self.manifest.pieces.items()
                         if p.inputs and p.inputs[0].shape[:1] == [1]}
@@ -161,25 +174,28 @@ class Runtime:
                              "layout NCTHW, normalised with the manifest's mean and std")
         return np.ascontiguousarray(arr, dtype=np.float32)
 
-    def initial_state(self, batch: int) -> Dict[str, np.ndarray]:
+    def initial_state(self, batch: int) -> Dict[str, Any]:
         state = {}
         for spec in self.manifest.state:
             shape = [batch] + [int(d) for d in spec.shape[1:]]
-            state[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            state[spec.name] = self.ops.from_host(np.zeros(shape, dtype=spec.dtype))
         return state
 
     # -- the interpreter --------------------------------------------------------------------
-    def _run(self, piece: str, step: str, feeds: Mapping[str, np.ndarray],
+    def _run(self, piece: str, step: str, feeds: Mapping[str, Any],
              rows: np.ndarray, traces: List[Trace],
-             shared: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+             shared: Sequence[str] = ()) -> Dict[str, Any]:
         t0 = time.perf_counter()
         exe = self.executables[piece]
         if piece in self._single and len(rows) > 1:
-            parts = [exe.run({k: (v if k in shared else v[i:i + 1]) for k, v in feeds.items()})
-                     for i in range(len(rows))]
-            out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            ops = self.ops
+            parts = [exe.run({k: (v if k in shared else ops.rows(v, np.array([i])))
+                              for k, v in feeds.items()}) for i in range(len(rows))]
+            out = {k: ops.concat([p[k] for p in parts]) for k in parts[0]}
         else:
             out = exe.run(feeds)
+        if self._sync is not None:
+            self._sync()
         ms = (time.perf_counter() - t0) * 1e3
         flops = self._flops[piece]
         for r in rows:
@@ -188,9 +204,9 @@ class Runtime:
             tr.steps.append(StepRecord(step, piece, ms, len(rows)))
         return out
 
-    def _branch(self, branch: Mapping[str, Any], step: str, feeds: Mapping[str, np.ndarray],
+    def _branch(self, branch: Mapping[str, Any], step: str, feeds: Mapping[str, Any],
                 rows: np.ndarray, traces: List[Trace],
-                shared: Sequence[str]) -> Dict[str, np.ndarray]:
+                shared: Sequence[str]) -> Dict[str, Any]:
         if "pass" in branch:         # a branch that computes nothing forwards its inputs
             return {out: feeds[inp] for out, inp in branch["pass"].items()}
         return self._run(branch["piece"], step, feeds, rows, traces, shared)
@@ -198,14 +214,15 @@ class Runtime:
     def classify(self, clips: Any, force: Force = None, budget: Union[str, float, None] = None,
                  exit_at: Union[str, Sequence[Optional[str]], None] = None,
                  keep_values: bool = False,
-                 state: Optional[Mapping[str, np.ndarray]] = None, exits: bool = True) -> Result:
+                 state: Optional[Mapping[str, Any]] = None, exits: bool = True) -> Result:
         """Scores and a trace per clip for a batch of clips (N, C, T, H, W).
 
         ``force`` fixes the branches (a policy name from the manifest, one branch index for every
         switch, or {switch: index}); ``budget`` picks the exit thresholds stored under that name
         (a number of GFLOPs is looked up as ``budget_key(gflops)``); ``exit_at`` stops every clip
         at the named exit step, or each clip at its own (a sequence of names, None for no exit);
-        ``state`` is the carried state of a stream (default: zeros); ``exits=False`` takes no
+        ``state`` is the carried state of a stream (default: zeros; NumPy arrays or the backend's
+        own, as ``Result.state`` returns them); ``exits=False`` takes no
         exit (every clip runs the whole program) unless ``exit_at`` says otherwise.
 
         A stream bundle (``manifest.window``) takes the T frames of ``clips`` one call each, in
@@ -227,6 +244,8 @@ class Runtime:
                     one = r.traces[i]
                     tr.flops += one.flops
                     tr.steps += one.steps
+                    tr.decisions += one.decisions
+                    tr.decision_ms += one.decision_ms
                     tr.branches.update({f"{k}@{t}": v for k, v in one.branches.items()})
                     tr.exit = one.exit
                 traces.append(tr)
@@ -242,11 +261,16 @@ class Runtime:
                 raise InputError(f"exit_at holds {per_clip_exit.shape[0]} names for {n} clips")
         forced = self.resolve_force(force)
         m = self.manifest
-        values: Dict[str, np.ndarray] = {m.input["name"]: x}
+        ops = self.ops
+        values: Dict[str, Any] = {m.input["name"]: ops.from_host(x)}
         st = dict(state) if state is not None else self.initial_state(n)
         for spec in m.state:
-            if spec.name not in st or st[spec.name].shape[0] != n:
-                raise InputError(f"state {spec.name!r} is missing or not for a batch of {n}")
+            if spec.name not in st:
+                raise InputError(f"state {spec.name!r} is missing")
+            if isinstance(st[spec.name], np.ndarray):
+                st[spec.name] = ops.from_host(np.ascontiguousarray(st[spec.name]))
+            if ops.shape(st[spec.name])[:1] != (n,):
+                raise InputError(f"state {spec.name!r} is not for a batch of {n}")
         values.update(st)
         new_state = dict(st)
         traces = [Trace() for _ in range(n)]
@@ -256,7 +280,7 @@ class Runtime:
 
         constants = self.constants
 
-        def feed(mapping: Mapping[str, str], step: str) -> Dict[str, np.ndarray]:
+        def feed(mapping: Mapping[str, str], step: str) -> Dict[str, Any]:
             out = {}
             for k, v in mapping.items():
                 arr = values.get(v)
@@ -272,11 +296,25 @@ class Runtime:
             """Inputs fed from constants: the same for every row, never split by row."""
             return [k for k, v in mapping.items() if v in constants and v not in values]
 
-        def store(mapping: Mapping[str, str], outs: Mapping[str, np.ndarray]) -> None:
+        def store(mapping: Mapping[str, str], outs: Mapping[str, Any]) -> None:
             for k, v in mapping.items():
                 values[v] = outs[k]
                 if keep_values:
-                    kept[v] = outs[k]
+                    kept[v] = ops.to_host(outs[k])
+
+        def decide(value: Any, what: str) -> np.ndarray:
+            """Branch indices to the host: the one transfer a gate costs (timed per clip)."""
+            t0 = time.perf_counter()
+            choice = ops.to_host(value).reshape(-1).astype(np.int64)
+            ms = (time.perf_counter() - t0) * 1e3
+            for row in active:
+                traces[row].decision_ms += ms
+                traces[row].decisions += 1
+            if choice.shape[0] != len(active) or choice.min() < 0 or \
+                    choice.max() >= len(branches):
+                raise BundleError(f"{what} holds branch indices {choice} outside "
+                                  f"0..{len(branches) - 1}")
+            return choice
 
         for step in m.program:
             if len(active) == 0:
@@ -293,40 +331,31 @@ class Runtime:
                 if name in forced:
                     choice = np.full(len(active), forced[name], dtype=np.int64)
                 elif "select" in step:
-                    choice = np.asarray(feed({"select": step["select"]}, name)["select"])
-                    choice = choice.reshape(-1).astype(np.int64)
-                    if choice.shape[0] != len(active) or choice.min() < 0 or \
-                            choice.max() >= len(branches):
-                        raise BundleError(f"value {step['select']!r} selects branches {choice} "
-                                          f"outside 0..{len(branches) - 1} at {name!r}")
+                    choice = decide(feed({"select": step["select"]}, name)["select"],
+                                    f"{name}.select")
                 else:
                     gate = step["gate"]
                     gouts = self._run(gate["piece"], name + ".gate", feed(gate["inputs"], name),
                                       active, traces)
-                    choice = np.asarray(gouts[gate["decision"]]).reshape(-1).astype(np.int64)
-                    if choice.shape[0] != len(active) or choice.min() < 0 or \
-                            choice.max() >= len(branches):
-                        raise BundleError(f"gate of {name!r} returned branch indices {choice} "
-                                          f"outside 0..{len(branches) - 1}")
+                    choice = decide(gouts[gate["decision"]], f"{name}.decision")
                 for row, c in zip(active, choice):
                     traces[row].branches[name] = branches[int(c)]["name"]
                 uniq = np.unique(choice)
                 if len(uniq) == 1:
                     outs = self._branch(branches[int(uniq[0])], name, feeds, active, traces, fixed)
                 else:
-                    outs = {}
+                    parts: Dict[str, List[Any]] = {}
                     for b in uniq:
                         sel = np.nonzero(choice == b)[0]
-                        sub = {k: (v if k in fixed else v[sel]) for k, v in feeds.items()}
+                        sub = {k: (v if k in fixed else ops.rows(v, sel)) for k, v in feeds.items()}
                         part = self._branch(branches[int(b)], name, sub, active[sel], traces,
                                             fixed)
                         for k, v in part.items():
-                            if k not in outs:
-                                outs[k] = np.empty((len(active),) + v.shape[1:], dtype=v.dtype)
-                            outs[k][sel] = v
+                            parts.setdefault(k, []).append((sel, v))
+                    outs = {k: ops.scatter(p, len(active)) for k, p in parts.items()}
                 store(step["outputs"], outs)
             elif op == "exit":
-                scores = values[step["scores"]]
+                scores = ops.to_host(values[step["scores"]])
                 if per_clip_exit is not None:
                     done = per_clip_exit[active] == name
                 elif exit_at is not None:
@@ -349,22 +378,21 @@ class Runtime:
                     for row, s in zip(active[done], scores[done]):
                         results[row] = s
                         traces[row].exit = name
-                    keep = ~done
+                    keep = np.nonzero(~done)[0]
                     active = active[keep]
-                    values = {k: v[keep] for k, v in values.items()}
+                    values = {k: ops.rows(v, keep) for k, v in values.items()}
             elif op == "carry":
                 value = values[step["value"]]
-                if len(active) == n and value.shape == new_state[step["state"]].shape:
+                if len(active) == n and ops.shape(value) == ops.shape(new_state[step["state"]]):
                     new_state[step["state"]] = value     # pieces return fresh arrays: no copy
                 else:
-                    if new_state[step["state"]] is st.get(step["state"]):
-                        new_state[step["state"]] = new_state[step["state"]].copy()
-                    new_state[step["state"]][active] = value
+                    new_state[step["state"]] = ops.put_rows(new_state[step["state"]], active,
+                                                            value)
         if len(active):
             final = values.get(m.output)
             if final is None:
                 raise BundleError(f"program never writes its output value {m.output!r}")
-            for row, s in zip(active, final):
+            for row, s in zip(active, ops.to_host(final)):
                 results[row] = s
         scores_out = np.stack([r for r in results if r is not None])
         return Result(scores=scores_out, traces=traces, values=kept, state=new_state)
@@ -407,12 +435,15 @@ class Stream:
 
 
 def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxruntime",
-         progress: Progress = None, **options: Any) -> Runtime:
-    """Open a bundle on a backend (``"onnxruntime"`` by default; options go to the backend)."""
+         progress: Progress = None, sync_steps: bool = False, **options: Any) -> Runtime:
+    """Open a bundle on a backend (``"onnxruntime"`` by default; options go to the backend).
+
+    ``sync_steps`` makes every step wait for the device, so that step times are device times
+    (only matters for GPU backends, whose pieces run asynchronously)."""
     from ..bundle import load as load_bundle
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
-    return Runtime(b, be, progress)
+    return Runtime(b, be, progress, sync_steps)
 
 
 def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
