@@ -57,12 +57,15 @@ class ConfigResult:
     clips_per_s: float
     realization: Optional[float] = None
     samples_ms: List[float] = field(default_factory=list)
+    decisions: float = 0.0       # gate decisions brought to the host, per clip
+    decision_ms: float = 0.0     # their wall time per clip (median over repetitions)
 
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "gflops": round(self.gflops, 4),
                 "median_ms": round(self.median_ms, 3), "p90_ms": round(self.p90_ms, 3),
                 "clips_per_s": round(self.clips_per_s, 3),
-                "realization": None if self.realization is None else round(self.realization, 3)}
+                "realization": None if self.realization is None else round(self.realization, 3),
+                "decisions": round(self.decisions, 3), "decision_ms": round(self.decision_ms, 4)}
 
 
 @dataclass
@@ -160,6 +163,8 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
     rng = random.Random(seed)
     times: Dict[int, List[float]] = {i: [] for i in order}
     flops: Dict[int, float] = {}
+    decisions: Dict[int, float] = {}
+    decision_ms: Dict[int, List[float]] = {i: [] for i in order}
     total = (warmup + reps) * len(configs)
     done = 0
     for rep in range(warmup + reps):
@@ -171,7 +176,9 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
             elapsed = time.perf_counter() - t0
             if rep >= warmup:
                 times[i].append(elapsed)
+                decision_ms[i].append(sum(t.decision_ms for t in result.traces) / total_clips)
             flops[i] = sum(t.flops for t in result.traces) / total_clips
+            decisions[i] = sum(t.decisions for t in result.traces) / total_clips
             done += 1
             if progress:
                 progress(done, total, cfg.name)
@@ -181,7 +188,9 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
         med = float(np.median(per_clip))
         results.append(ConfigResult(cfg.name, flops[i] / 1e9, med,
                                     float(np.percentile(per_clip, 90)), 1e3 / med,
-                                    samples_ms=[float(v) for v in per_clip]))
+                                    samples_ms=[float(v) for v in per_clip],
+                                    decisions=decisions[i],
+                                    decision_ms=float(np.median(decision_ms[i]))))
     ref = next((r for r in results if r.name == reference), None)
     if ref is not None:
         for r in results:
@@ -233,6 +242,9 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
     report = run_configs(chosen, x, reps, warmup, seed, reference=reference, progress=progress,
                          batch=batch)
     report.meta["backend"] = runtime.backend.name
+    device = getattr(runtime.backend, "device_info", None)
+    if callable(device):
+        report.meta["device"] = device()
     return report
 
 
@@ -252,14 +264,20 @@ def print_report(report: BenchReport, summary: Dict[str, Any], as_json: bool) ->
 
 
 def format_table(report: BenchReport) -> str:
-    lines = [f"batch {report.batch}, {report.reps} interleaved repetitions, per clip:",
+    """The table; a ``decide ms`` column (gate decisions' wall time per clip, as the host waits
+    for them) appears where gates decided."""
+    decide = any(c.decisions for c in report.configs)
+    device = report.meta.get("device")
+    lines = [f"on {device['name']}" if isinstance(device, dict) and device.get("name") else "",
+             f"batch {report.batch}, {report.reps} interleaved repetitions, per clip:",
              f"{'config':<22}{'GFLOPs':>9}{'median ms':>11}{'p90 ms':>9}{'clips/s':>9}"
-             f"{'realisation':>13}"]
+             f"{'realisation':>13}" + (f"{'decide ms':>11}" if decide else "")]
     for c in report.configs:
         real = "-" if c.realization is None else f"{c.realization:.2f}"
+        extra = (f"{c.decision_ms:>11.3f}" if c.decisions else f"{'-':>11}") if decide else ""
         lines.append(f"{c.name:<22}{c.gflops:>9.3f}{c.median_ms:>11.2f}{c.p90_ms:>9.2f}"
-                     f"{c.clips_per_s:>9.2f}{real:>13}")
-    return "\n".join(lines)
+                     f"{c.clips_per_s:>9.2f}{real:>13}{extra}")
+    return "\n".join(line for line in lines if line)
 
 
 __all__ = ["bench", "run_configs", "Config", "ConfigResult", "BenchReport", "realization",

@@ -471,6 +471,36 @@ class Bundle:
         self._verified[name] = path
         return path
 
+    def piece_bytes(self, name: str) -> bytes:
+        """The piece's ONNX bytes, read once and checked against the manifest's SHA-256 (the
+        bytes handed on are the bytes hashed)."""
+        piece = self.manifest.pieces[name]
+        path = self._file(piece.file, None, f"piece {name!r}")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != piece.sha256:
+            raise BundleError(f"bundle {self.root}: piece {name!r} ({piece.file}) is corrupt: "
+                              f"SHA-256 {digest[:12]}… does not match the manifest's "
+                              f"{piece.sha256[:12]}…")
+        return data
+
+    def piece_model(self, name: str) -> Any:
+        """The piece as a checked ``onnx.ModelProto`` (external data is refused)."""
+        import onnx
+        try:
+            model = onnx.load_model_from_string(self.piece_bytes(name))
+        except BundleError:
+            raise
+        except Exception as e:   # protobuf's DecodeError and friends
+            raise BundleError(f"bundle {self.root}: piece {name!r} is not an ONNX model: "
+                              f"{e}") from None
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                raise BundleError(f"bundle {self.root}: piece {name!r} keeps tensor "
+                                  f"{init.name!r} in an external file; adaedge pieces are "
+                                  "self-contained")
+        return model
+
     def _file(self, relative: str, sha256: Optional[str], what: str) -> Path:
         """A file of the bundle, inside it, present and (given ``sha256``) matching its hash."""
         path = safe_join(self.root, relative)

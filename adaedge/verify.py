@@ -49,14 +49,15 @@ class Report:
     rtol: float
     clips: int
     cases: List[CaseResult] = field(default_factory=list)
+    backend: str = "onnxruntime"
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.cases)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"bundle": self.bundle, "rtol": self.rtol, "clips": self.clips, "ok": self.ok,
-                "cases": [c.to_json() for c in self.cases]}
+        return {"bundle": self.bundle, "backend": self.backend, "rtol": self.rtol,
+                "clips": self.clips, "ok": self.ok, "cases": [c.to_json() for c in self.cases]}
 
 
 def reference_model(bundle: Bundle, checkpoint: Optional[Union[str, Path]] = None) -> torch.nn.Module:
@@ -175,7 +176,7 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     rng = np.random.default_rng(seed)
     x = rng.standard_normal([clips] + b.manifest.full_clip_shape).astype(np.float32)
     if b.manifest.window is not None:
-        report = Report(str(bundle), rtol, clips)
+        report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
         policies: List[Optional[str]] = [None] + runtime.policies
         for k, policy in enumerate(policies):
             if progress:
@@ -192,7 +193,7 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
         cases.append((f"every gate forced to branch {i} ({names[i]['name'] if i < len(names) else i})",
                       i))
     exits = [s["name"] for s in b.manifest.exits()]
-    report = Report(str(bundle), rtol, clips)
+    report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
     total = len(cases) + len(exits)
     for k, (name, force) in enumerate(cases):
         if progress:

@@ -74,7 +74,7 @@ NUMPY = NumpyOps()
 
 
 def runs(index: np.ndarray) -> List[Tuple[int, int, int]]:
-    """Sorted host indices as runs of consecutive rows: (first source position, first row,
+    """Host row indices as runs of consecutive rows: (first position in ``index``, first row,
     length). Device backends without gather kernels copy each run with one memory copy."""
     out: List[Tuple[int, int, int]] = []
     for pos, row in enumerate(np.asarray(index, dtype=np.int64).tolist()):

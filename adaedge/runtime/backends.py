@@ -10,7 +10,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Protocol
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 import numpy as np
 
@@ -24,7 +24,9 @@ class BackendUnavailable(RuntimeError):
 
 
 class Executable(Protocol):
-    def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]: ...
+    """One piece, ready to run: feeds and results are the backend's arrays, by I/O name."""
+
+    def run(self, feeds: Mapping[str, Any]) -> Dict[str, Any]: ...
 
 
 class Backend(Protocol):
@@ -204,7 +206,24 @@ class OnnxRuntimeBackend:
         return OrtExecutable(session, [t.name for t in spec.outputs])
 
 
-_BACKENDS: Dict[str, Callable[..., Backend]] = {"onnxruntime": OnnxRuntimeBackend}
+def _torch_backend(device: str) -> Callable[..., Backend]:
+    def create(**options: object) -> Backend:
+        from .torch_backend import TorchBackend    # imports torch: only when asked for
+        return TorchBackend(device=device, **options)  # type: ignore[arg-type]
+    return create
+
+
+def _tensorrt_backend(**options: object) -> Backend:
+    from .tensorrt import TensorRTBackend
+    return TensorRTBackend(**options)  # type: ignore[arg-type]
+
+
+_BACKENDS: Dict[str, Callable[..., Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend,
+    "torch-cuda": _torch_backend("cuda"),
+    "torch-cpu": _torch_backend("cpu"),
+    "tensorrt": _tensorrt_backend,
+}
 
 
 def available_backends() -> List[str]:

@@ -1,0 +1,375 @@
+"""The TensorRT backend: one engine per piece, cached in the bundle, run with name-based I/O.
+
+* **Engines.** ``build`` parses each piece (custom nodes mapped to the plugin library where one is
+  loaded, to their standard-op bodies otherwise: :mod:`.onnx_prep`) and builds one engine with
+  static shapes: batch 1, or with ``max_batch > 1`` an optimisation profile over batches
+  1..max_batch, so that the runtime can group a batch by branch.
+* **Precision.** ``fp32`` (TF32 off, so that engines match the reference), ``fp16`` (the builder
+  flag where this TensorRT has it, otherwise a float16 copy of the graph built as a strongly typed
+  network), ``int8`` only for pieces that carry explicit Q/DQ nodes (TensorRT 11 has no implicit
+  calibration; pieces without Q/DQ are built in fp32).
+* **Cache.** ``engines/tensorrt/index.json`` records each engine's key: the piece's ONNX hash,
+  the TensorRT version, the GPU's name and compute capability, the precision, the batch profile,
+  the plugin library's hash and adaedge's version. An engine whose key differs from this
+  machine's, or whose file does not match its recorded hash, is rebuilt where TensorRT's builder
+  is installed and refused with the reason otherwise; it is never run.
+* **Execution.** Name-based I/O only (``set_input_shape``, ``set_tensor_address``,
+  ``execute_async_v3``): TensorRT 8.6 (JetPack 6.0), 10.x and 11.x. Device memory and the stream
+  come from :mod:`.cuda`; values stay on the device from piece to piece.
+
+TensorRT cannot be installed on adaedge's CI, so this module is checked statically against
+``tensorrt-stubs`` there, and its tests run where TensorRT and a GPU are present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import Bundle, BundleError, safe_join, sha256_file
+from .backends import BackendUnavailable, Progress
+from .cuda import CudaArrays, DeviceArray, Driver, open_driver
+from .onnx_prep import PLUGIN_OPS, custom_ops, has_qdq, map_custom_ops, to_float16
+
+try:
+    import tensorrt as trt
+except ImportError:   # the lean runtime runs engines but cannot build them
+    try:
+        import tensorrt_lean as trt  # type: ignore[no-redef]
+    except ImportError:
+        trt = None  # type: ignore[assignment]
+if trt is not None and not hasattr(trt, "Runtime"):
+    trt = None  # type: ignore[assignment]   # a stubs-only install: a namespace, not TensorRT
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CACHE = "tensorrt"
+MISSING = ("the tensorrt backend needs TensorRT's Python package: on a desktop 'pip install "
+           "tensorrt' (with an NVIDIA driver); on Jetson it comes with JetPack "
+           "(python3-libnvinfer). It also needs cuda-python, Polygraphy or PyCUDA for device "
+           "memory")
+
+
+def version_tuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for p in version.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def engine_key(onnx_sha256: str, tensorrt: str, device: Mapping[str, Any], precision: str,
+               max_batch: int, plugins_sha256: Optional[str]) -> Dict[str, Any]:
+    """Everything an engine depends on; two engines are interchangeable when keys are equal."""
+    return {"onnx_sha256": onnx_sha256, "tensorrt": tensorrt, "gpu": device["name"],
+            "compute_capability": device["compute_capability"], "precision": precision,
+            "max_batch": int(max_batch), "plugins_sha256": plugins_sha256 or "none",
+            "adaedge": __version__}
+
+
+def dims(d: "trt.Dims") -> Tuple[int, ...]:
+    """TensorRT dimensions as a tuple (Dims has __len__ and __getitem__ in every version)."""
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def key_difference(have: Mapping[str, Any], want: Mapping[str, Any]) -> str:
+    """What makes a cached engine foreign or stale, in words."""
+    diffs = [f"{k} {have.get(k)!r} (this machine: {v!r})" for k, v in want.items()
+             if have.get(k) != v]
+    return "; ".join(diffs) or "nothing"
+
+
+class EngineCache:
+    """``engines/tensorrt/``: the engines and ``index.json``, {piece: {"file", "key",
+    "sha256"}}. Pure bookkeeping; the TensorRT calls live in the backend."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.folder = bundle.engine_dir(CACHE)
+        self.index_path = self.folder / "index.json"
+
+    def read(self) -> Dict[str, Dict[str, Any]]:
+        if not self.index_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise BundleError(f"engine cache index {self.index_path} is unreadable; delete "
+                              f"{self.folder} and run 'adaedge build --backend tensorrt'") from None
+        pieces = data.get("pieces") if isinstance(data, dict) else None
+        if not isinstance(pieces, dict):
+            raise BundleError(f"engine cache index {self.index_path} is not an adaedge index")
+        return pieces
+
+    def lookup(self, piece: str, key: Mapping[str, Any]) -> Tuple[Optional[Path], str]:
+        """The cached engine for ``piece`` under ``key``, or None and why not."""
+        entry = self.read().get(piece)
+        if not isinstance(entry, dict):
+            return None, "no engine built yet"
+        if entry.get("key") != dict(key):
+            return None, "its engine was built for another setup: " + \
+                key_difference(entry.get("key") or {}, key)
+        path = safe_join(self.folder, str(entry.get("file")))
+        if not path.is_file():
+            return None, f"its engine file {path.name} is missing"
+        if sha256_file(path) != entry.get("sha256"):
+            return None, f"its engine file {path.name} does not match its recorded hash"
+        return path, ""
+
+    def store(self, piece: str, key: Mapping[str, Any], engine: bytes) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{piece}.{key_digest(key)}.engine"
+        path = safe_join(self.folder, name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(engine)
+        os.replace(tmp, path)
+        index = self.read()
+        index[piece] = {"file": name, "key": dict(key),
+                        "sha256": hashlib.sha256(engine).hexdigest()}
+        tmp_index = self.index_path.with_suffix(".tmp")
+        tmp_index.write_text(json.dumps({"pieces": index}, indent=1), encoding="utf-8")
+        os.replace(tmp_index, self.index_path)
+        return path
+
+
+class TensorRTExecutable:
+    """One engine and its execution context; runs in chunks of at most ``max_batch`` rows."""
+
+    def __init__(self, backend: "TensorRTBackend", engine: "trt.ICudaEngine", piece: str,
+                 input_names: List[str], output_names: List[str], max_batch: int) -> None:
+        self.backend = backend
+        self.engine = engine
+        self.piece = piece
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BundleError(f"TensorRT could not create an execution context for {piece!r}")
+        self.input_names = input_names
+        self.output_names = output_names
+        self.max_batch = max_batch
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        missing = [n for n in input_names + output_names if n not in names]
+        if missing:
+            raise BundleError(f"engine of {piece!r} lacks I/O tensors {missing}")
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self.batched = {n: engine.get_tensor_shape(n)[0] == -1 for n in input_names}
+
+    def _run_once(self, feeds: Mapping[str, DeviceArray]) -> Dict[str, DeviceArray]:
+        ctx, arrays = self.context, self.backend.arrays
+        keep: List[DeviceArray] = []
+        for name in self.input_names:
+            v = feeds[name]
+            if v.dtype != self.dtypes[name]:     # e.g. int64 values into TensorRT 8.6's int32
+                v = arrays.from_host(arrays.to_host(v).astype(self.dtypes[name]))
+            keep.append(v)
+            if self.batched[name] and not ctx.set_input_shape(name, v.shape):
+                raise BundleError(f"{self.piece!r}: input {name!r} of shape {v.shape} is outside "
+                                  f"the engine's profile (batch 1..{self.max_batch})")
+            ctx.set_tensor_address(name, v.ptr)
+        outs: Dict[str, DeviceArray] = {}
+        for name in self.output_names:
+            shape = dims(ctx.get_tensor_shape(name))
+            outs[name] = arrays.empty(shape, self.dtypes[name])
+            ctx.set_tensor_address(name, outs[name].ptr)
+        if not ctx.execute_async_v3(self.backend.driver.stream):
+            raise BundleError(f"TensorRT failed to run the engine of {self.piece!r}")
+        del keep          # inputs are freed stream-ordered, after the engine read them
+        return outs
+
+    def run(self, feeds: Mapping[str, Any]) -> Dict[str, Any]:
+        arrays = self.backend.arrays
+        dev = {k: (arrays.from_host(v) if isinstance(v, np.ndarray) else v)
+               for k, v in feeds.items()}
+        rows = max((dev[n].shape[0] for n in self.input_names if self.batched[n]), default=1)
+        if rows <= self.max_batch:
+            return self._run_once(dev)
+        parts = []
+        for start in range(0, rows, self.max_batch):
+            index = np.arange(start, min(rows, start + self.max_batch))
+            parts.append(self._run_once({k: (arrays.rows(v, index) if self.batched.get(k) else v)
+                                         for k, v in dev.items()}))
+        return {k: arrays.concat([p[k] for p in parts]) for k in parts[0]}
+
+
+class TensorRTBackend:
+    """TensorRT engines per piece (see the module docstring).
+
+    ``precision``: fp32, fp16 or int8; ``max_batch``: 1 (static shapes, default) or the largest
+    batch of a profile; ``plugins``: path of ``libadaedge_plugins.so`` (the plugins take the place
+    of the custom nodes they implement); ``cuda``: the CUDA wrapper (cuda-python, polygraphy,
+    pycuda; default: the first installed); ``workspace_mib``: the builder's workspace limit.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, precision: str = "fp32", max_batch: int = 1,
+                 plugins: Optional[str] = None, cuda: Optional[str] = None,
+                 workspace_mib: int = 1024, driver: Optional[Driver] = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if trt is None:
+            raise BackendUnavailable(MISSING)
+        self.version = str(trt.__version__)
+        if version_tuple(self.version) < (8, 6):
+            raise BackendUnavailable(f"TensorRT {self.version} is too old: adaedge needs 8.6 or "
+                                     "newer (name-based I/O)")
+        self.precision = precision
+        self.max_batch = max_batch
+        self.workspace = workspace_mib << 20
+        self.driver = driver if driver is not None else open_driver(cuda)
+        self.arrays = CudaArrays(self.driver)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.plugins_sha256: Optional[str] = None
+        self.plugin_ops: List[str] = []
+        if plugins is not None:
+            self._load_plugins(plugins)
+        self.device = self.driver.device()
+
+    # -- plugins ------------------------------------------------------------------------------
+    def _load_plugins(self, path: str) -> None:
+        lib = Path(path)
+        if not lib.is_file():
+            raise BackendUnavailable(f"plugin library {lib} does not exist; build it with "
+                                     "'cmake -S adaedge/plugins -B build && cmake --build build'")
+        registry = trt.get_plugin_registry()
+        handle = registry.load_library(str(lib))
+        if handle is None:
+            raise BackendUnavailable(f"TensorRT could not load the plugin library {lib}")
+        self.plugins_sha256 = sha256_file(lib)
+        creators = getattr(registry, "all_creators", None) or \
+            getattr(registry, "plugin_creator_list", [])
+        names = {c.name for c in creators}
+        self.plugin_ops = [op for op in PLUGIN_OPS if op in names]
+
+    # -- info ---------------------------------------------------------------------------------
+    def device_info(self) -> Dict[str, Any]:
+        return {"name": self.device["name"], "compute_capability": self.device["compute_capability"],
+                "tensorrt": self.version, "precision": self.precision, "cuda": self.driver.name,
+                "plugins": self.plugin_ops}
+
+    def synchronize(self) -> None:
+        self.driver.synchronize()
+
+    def key(self, bundle: Bundle, piece: str) -> Dict[str, Any]:
+        return engine_key(bundle.manifest.pieces[piece].sha256, self.version, self.device,
+                          self.precision, self.max_batch, self.plugins_sha256)
+
+    # -- building -----------------------------------------------------------------------------
+    def _can_build(self) -> bool:
+        return hasattr(trt, "Builder") and hasattr(trt, "OnnxParser")
+
+    def _network_onnx(self, bundle: Bundle, piece: str) -> Tuple[bytes, str]:
+        """The ONNX the builder parses, and the precision the piece gets."""
+        model = map_custom_ops(bundle.piece_model(piece), self.plugin_ops)
+        precision = self.precision
+        if precision == "int8" and not has_qdq(model):
+            precision = "fp32"         # no Q/DQ: nothing says how to quantise this piece
+        if precision == "fp16" and not self._has_flag("FP16"):
+            model = to_float16(model)
+        return model.SerializeToString(), precision
+
+    def _has_flag(self, name: str) -> bool:
+        # TensorRT 11 dropped the weak-typing precision flags: precision comes from the types
+        return version_tuple(self.version) < (11,) and hasattr(trt.BuilderFlag, name)
+
+    def build_engine(self, bundle: Bundle, piece: str) -> bytes:
+        if not self._can_build():
+            raise BackendUnavailable(
+                f"this TensorRT ({self.version}) has no builder (the lean or dispatch runtime "
+                "only runs engines); build the engines where the full TensorRT is installed "
+                "with 'adaedge build --backend tensorrt', for the same GPU and TensorRT version")
+        onnx_bytes, precision = self._network_onnx(bundle, piece)
+        strongly_typed = (precision == "fp16" and not self._has_flag("FP16")) or \
+            (precision == "int8" and not self._has_flag("INT8"))
+        flags = 0
+        if version_tuple(self.version) < (10,):
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(onnx_bytes):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BundleError(f"TensorRT's ONNX parser rejects piece {piece!r}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if not strongly_typed:
+            if precision == "fp16":
+                config.set_flag(trt.BuilderFlag.FP16)
+            elif precision == "int8":
+                config.set_flag(trt.BuilderFlag.INT8)
+        profile = builder.create_optimization_profile()
+        dynamic = False
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = list(dims(tensor.shape))
+            if shape and shape[0] == -1:
+                dynamic = True
+                rest = shape[1:]
+                if any(d < 0 for d in rest):
+                    raise BundleError(f"piece {piece!r}: input {tensor.name!r} has dynamic "
+                                      f"dimensions besides the batch ({shape})")
+                lo = trt.Dims([1] + rest)
+                hi = trt.Dims([self.max_batch] + rest)
+                profile.set_shape(tensor.name, lo, hi, hi)
+        if dynamic:
+            config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise BundleError(f"TensorRT could not build an engine for piece {piece!r} (see its "
+                              "log above)")
+        return bytes(memoryview(serialized))
+
+    def build(self, bundle: Bundle, progress: Progress = None) -> Path:
+        cache = EngineCache(bundle)
+        names = list(bundle.manifest.pieces)
+        for i, name in enumerate(names):
+            if progress:
+                progress(i, len(names), name)
+            key = self.key(bundle, name)
+            path, _ = cache.lookup(name, key)
+            if path is None:
+                cache.store(name, key, self.build_engine(bundle, name))
+        if progress:
+            progress(len(names), len(names), "done")
+        return cache.folder
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self, bundle: Bundle, piece: str) -> TensorRTExecutable:
+        cache = EngineCache(bundle)
+        key = self.key(bundle, piece)
+        path, why = cache.lookup(piece, key)
+        if path is None:
+            if not self._can_build():
+                raise BundleError(f"piece {piece!r} has no usable TensorRT engine: {why}. This "
+                                  "TensorRT cannot build engines; run 'adaedge build --backend "
+                                  "tensorrt' where the full TensorRT is installed")
+            path = cache.store(piece, key, self.build_engine(bundle, piece))
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != cache.read()[piece]["sha256"]:
+            raise BundleError(f"engine {path} changed while it was being loaded")
+        engine = self.runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise BundleError(f"TensorRT {self.version} cannot deserialize {path}; delete it and "
+                              "run 'adaedge build --backend tensorrt'")
+        spec = bundle.manifest.pieces[piece]
+        return TensorRTExecutable(self, engine, piece, [t.name for t in spec.inputs],
+                                  [t.name for t in spec.outputs], self.max_batch)
+
+
+def custom_nodes(bundle: Bundle) -> Dict[str, Sequence[str]]:
+    """The custom ops of each piece (what a plugin library can take over)."""
+    return {name: sorted(custom_ops(bundle.piece_model(name))) for name in bundle.manifest.pieces}

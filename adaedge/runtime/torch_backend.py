@@ -1,0 +1,243 @@
+"""The PyTorch backend: each piece as a ``torch.export`` program, replayed through CUDA graphs.
+
+For users who have PyTorch but not TensorRT, and our way to measure the dispatch design on a GPU.
+Each piece's ONNX (hash-checked by the bundle) is translated to torch ops
+(:mod:`.onnx_torch`) and exported with ``torch.export``, with a dynamic batch where the piece has
+one. On CUDA each (piece, input shapes) is captured once into a CUDA graph and replayed: a piece
+then costs one graph launch, with no Python or per-kernel launch overhead. Values stay on the
+device from piece to piece; gate decisions and scores come to the host.
+
+Programs are built from the ONNX when a bundle is loaded, not read from files: ``torch.export``'s
+file loader falls back to unrestricted unpickling, and a bundle is untrusted input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError
+from .backends import BackendUnavailable, Progress
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendUnavailable(f"the torch backends need PyTorch ({e}); install it with "
+                                 "'pip install torch'") from None
+    return torch
+
+
+class TorchArrays:
+    """Row operations on torch tensors of one device (the runtime's values)."""
+
+    def __init__(self, device: str) -> None:
+        self.torch = _torch()
+        self.device = self.torch.device(device)
+
+    def _index(self, index: np.ndarray) -> Any:
+        return self.torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.device)
+
+    def from_host(self, a: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def to_host(self, v: Any) -> np.ndarray:
+        if isinstance(v, np.ndarray):
+            return v
+        return v.detach().cpu().numpy()
+
+    def rows(self, v: Any, index: np.ndarray) -> Any:
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and index[-1] - index[0] + 1 == len(index) and \
+                np.all(np.diff(index) == 1):      # one run of rows: a view, no copy
+            return v[int(index[0]):int(index[-1]) + 1]
+        return v.index_select(0, self._index(index))
+
+    def scatter(self, parts: Sequence[Tuple[np.ndarray, Any]], n: int) -> Any:
+        first = parts[0][1]
+        out = self.torch.empty((n,) + tuple(first.shape[1:]), dtype=first.dtype,
+                               device=first.device)
+        for index, part in parts:
+            out.index_copy_(0, self._index(index), part)
+        return out
+
+    def concat(self, parts: Sequence[Any]) -> Any:
+        return self.torch.cat(list(parts))
+
+    def put_rows(self, dst: Any, index: np.ndarray, v: Any) -> Any:
+        out = dst.clone()
+        out.index_copy_(0, self._index(index), v)
+        return out
+
+    def shape(self, v: Any) -> Tuple[int, ...]:
+        return tuple(v.shape)
+
+
+def export_piece(model: Any, batch_dim: Sequence[bool], example: Sequence[Any]) -> Tuple[Any, bool]:
+    """``torch.export`` a translated piece; the batch is dynamic for the inputs that have one.
+
+    Returns ``(callable, dynamic)``: a program whose batch is dynamic when the export allows it,
+    otherwise one exported for ``example``'s shapes.
+    """
+    torch = _torch()
+    n = torch.export.Dim("batch", min=1, max=1 << 16)
+    shapes = tuple({0: n} if b else None for b in batch_dim)
+    if any(batch_dim):
+        try:
+            program = torch.export.export(model, tuple(example), dynamic_shapes=(shapes,),
+                                          strict=False)
+            return program.module(), True
+        except Exception:  # a piece that specialises its batch: export it for this shape
+            pass
+    program = torch.export.export(model, tuple(example), strict=False)
+    return program.module(), False
+
+
+class TorchExecutable:
+    """One piece: its exported program, and on CUDA one captured graph per input shape."""
+
+    def __init__(self, backend: "TorchBackend", model: Any, input_names: List[str],
+                 output_names: List[str], batch_dim: List[bool]) -> None:
+        self.backend = backend
+        self.model = model
+        self.input_names = input_names
+        self.output_names = output_names
+        self.batch_dim = batch_dim
+        self._programs: Dict[Any, Callable[..., Any]] = {}
+        self._graphs: Dict[Any, Tuple[Any, List[Any], List[Any]]] = {}
+        self.dynamic: Optional[bool] = None
+
+    def _program(self, args: List[Any]) -> Callable[..., Any]:
+        key = None if self.dynamic else tuple(tuple(a.shape) for a in args)
+        fn = self._programs.get(key)
+        if fn is None:
+            if not self.backend.export:
+                fn = self.model
+                self.dynamic = True
+            else:
+                fn, dynamic = export_piece(self.model, self.batch_dim, args)
+                self.dynamic = dynamic
+                key = None if dynamic else key
+            self._programs[key] = fn
+        return fn
+
+    def _graph(self, fn: Callable[..., Any], args: List[Any]) -> Tuple[Any, List[Any], List[Any]]:
+        torch = self.backend.torch
+        key = tuple(tuple(a.shape) for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):      # warm up kernels and allocator before capture
+                    fn(*static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = list(fn(*static_in))
+            entry = (graph, static_in, static_out)
+            self._graphs[key] = entry
+        return entry
+
+    def run(self, feeds: Mapping[str, Any]) -> Dict[str, Any]:
+        torch = self.backend.torch
+        try:
+            args = [feeds[n] for n in self.input_names]
+        except KeyError as e:
+            raise BundleError(f"piece input {e} is not fed") from None
+        with torch.inference_mode():
+            fn = self._program(args)
+            if self.backend.cuda_graphs:
+                graph, static_in, static_out = self._graph(fn, args)
+                for s, a in zip(static_in, args):
+                    s.copy_(a)
+                graph.replay()
+                # the next replay overwrites the graph's outputs: hand out copies
+                outs = [o.clone() for o in static_out]
+            else:
+                outs = list(fn(*args))
+        return dict(zip(self.output_names, outs))
+
+
+class TorchBackend:
+    """Pieces as ``torch.export`` programs on a PyTorch device; CUDA graphs on CUDA.
+
+    ``device``: ``"cuda"`` (default ``cuda_graphs=True``) or ``"cpu"`` (eager exported programs,
+    used to check the translation where no GPU is present). ``export=False`` runs the translated
+    modules without ``torch.export`` (to tell a translation problem from an export one).
+    """
+
+    def __init__(self, device: str = "cuda", cuda_graphs: Optional[bool] = None,
+                 export: bool = True, threads: Optional[int] = None) -> None:
+        self.torch = _torch()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError("threads must be at least 1")
+            self.torch.set_num_threads(threads)
+        self.threads = self.torch.get_num_threads()
+        if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+            raise ValueError(f"torch device must be 'cuda', 'cuda:N' or 'cpu', not {device!r}")
+        if device.startswith("cuda") and not self.torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"the torch-cuda backend needs a CUDA GPU and a PyTorch built with CUDA; this "
+                f"PyTorch {self.torch.__version__} sees none (torch.cuda.is_available() is False)."
+                " Use the onnxruntime backend here, or torch-cpu to check the translation")
+        self.device = device
+        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
+        self.cuda_graphs = device.startswith("cuda") if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not device.startswith("cuda"):
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.export = export
+        self.arrays = TorchArrays(device)
+        if device.startswith("cuda"):
+            self.torch.backends.cudnn.benchmark = True
+
+    def device_info(self) -> Dict[str, Any]:
+        """What the benchmark records of the device: PyTorch and, on CUDA, the GPU."""
+        torch = self.torch
+        info: Dict[str, Any] = {"torch": torch.__version__, "cuda_graphs": self.cuda_graphs}
+        if self.device.startswith("cuda"):
+            props = torch.cuda.get_device_properties(torch.device(self.device))
+            info.update(name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                        memory_gib=round(props.total_memory / 2**30, 1),
+                        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        else:
+            info.update(name="cpu", threads=self.threads)
+        return info
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def load(self, bundle: Bundle, piece: str) -> TorchExecutable:
+        from .onnx_torch import OnnxModule, UnsupportedPiece
+        spec = bundle.manifest.pieces[piece]
+        try:
+            module = OnnxModule(bundle.piece_model(piece)).to(self.device).eval()
+        except UnsupportedPiece as e:
+            raise BundleError(f"piece {piece!r} cannot run on {self.name}: {e}") from None
+        batch_dim = [bool(t.shape) and isinstance(t.shape[0], str) for t in spec.inputs]
+        return TorchExecutable(self, module, [t.name for t in spec.inputs],
+                               [t.name for t in spec.outputs], batch_dim)
+
+    def build(self, bundle: Bundle, progress: Progress = None) -> Path:
+        """Translate and export every piece once and run it on zeros, so that a bundle this
+        backend cannot run fails here, with the piece named; nothing is written (see the module
+        docstring)."""
+        names = list(bundle.manifest.pieces)
+        for i, name in enumerate(names):
+            if progress:
+                progress(i, len(names), name)
+            exe = self.load(bundle, name)
+            feeds = {}
+            for t in bundle.manifest.pieces[name].inputs:
+                shape = [1 if isinstance(d, str) else int(d) for d in t.shape]
+                feeds[t.name] = self.arrays.from_host(np.zeros(shape, dtype=t.dtype))
+            exe.run(feeds)
+        if progress:
+            progress(len(names), len(names), "done")
+        return bundle.root
