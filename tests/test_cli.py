@@ -37,9 +37,12 @@ def test_export_build_verify_bench_from_a_checkpoint(tmp_path, tiny_checkpoint, 
     names = [c["name"] for c in bench["configs"]]
     assert names == ["static", "all-half", "all-stride2", "cheapest", "free"]
     for c in bench["configs"]:
-        assert set(c) == {"name", "gflops", "median_ms", "p90_ms", "clips_per_s", "realization"}
+        assert set(c) == {"name", "gflops", "median_ms", "p90_ms", "clips_per_s", "realization",
+                          "decisions", "decision_ms"}
         assert c["median_ms"] > 0 and c["p90_ms"] >= c["median_ms"] and c["clips_per_s"] > 0
     by = {c["name"]: c for c in bench["configs"]}
+    assert by["free"]["decisions"] == 37 and by["free"]["decision_ms"] >= 0   # one per gate
+    assert all(by[n]["decisions"] == 0 for n in names if n != "free")       # forced: none
     assert by["static"]["realization"] is None and by["all-half"]["realization"] is not None
     assert by["all-half"]["gflops"] < by["static"]["gflops"]
 
