@@ -48,14 +48,20 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_verifies_on_torch_cpu(tmp_path, family):
+def verify_family(tmp_path, family: str, backend: str) -> None:
+    """Export one family's tiny model and verify the bundle on ``backend`` (every branch forced,
+    every exit, or every frame of a stream)."""
     model, kw = FAMILIES[family]()
     models.save_checkpoint(model, tmp_path / "ckpt.pt")
     export(model, tmp_path / "b", weights={"source": "test"}, **kw)
-    report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt", backend="torch-cpu")
+    report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt", backend=backend)
     assert report.ok, [c.to_json() for c in report.cases if not c.ok]
-    assert report.backend == "torch-cpu"
+    assert report.backend == backend
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_verifies_on_torch_cpu(tmp_path, family):
+    verify_family(tmp_path, family, "torch-cpu")
 
 
 def test_gated_runs_take_the_same_branches_as_onnxruntime(tiny_bundle):
@@ -144,11 +150,7 @@ def test_cli_build_and_bench_on_torch_cpu(tiny_bundle, capsys):
 @cuda
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_cuda_graphs_verify_every_family(tmp_path, family):
-    model, kw = FAMILIES[family]()
-    models.save_checkpoint(model, tmp_path / "ckpt.pt")
-    export(model, tmp_path / "b", weights={"source": "test"}, **kw)
-    report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt", backend="torch-cuda")
-    assert report.ok, [c.to_json() for c in report.cases if not c.ok]
+    verify_family(tmp_path, family, "torch-cuda")
 
 
 @cuda
