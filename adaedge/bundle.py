@@ -475,13 +475,9 @@ class Bundle:
         """The piece's ONNX bytes, read once and checked against the manifest's SHA-256 (the
         bytes handed on are the bytes hashed)."""
         piece = self.manifest.pieces[name]
-        path = self._file(piece.file, None, f"piece {name!r}")
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != piece.sha256:
-            raise BundleError(f"bundle {self.root}: piece {name!r} ({piece.file}) is corrupt: "
-                              f"SHA-256 {digest[:12]}… does not match the manifest's "
-                              f"{piece.sha256[:12]}…")
+        data = self._file(piece.file, None, f"piece {name!r}").read_bytes()
+        self._check_digest(hashlib.sha256(data).hexdigest(), piece.sha256, f"piece {name!r}",
+                           piece.file)
         return data
 
     def piece_model(self, name: str) -> Any:
@@ -507,11 +503,13 @@ class Bundle:
         if not path.is_file():
             raise BundleError(f"bundle {self.root}: {what} is missing its file {relative}")
         if sha256 is not None:
-            digest = sha256_file(path)
-            if digest != sha256:
-                raise BundleError(f"bundle {self.root}: {what} ({relative}) is corrupt: SHA-256 "
-                                  f"{digest[:12]}… does not match the manifest's {sha256[:12]}…")
+            self._check_digest(sha256_file(path), sha256, what, relative)
         return path
+
+    def _check_digest(self, digest: str, sha256: str, what: str, relative: str) -> None:
+        if digest != sha256:
+            raise BundleError(f"bundle {self.root}: {what} ({relative}) is corrupt: SHA-256 "
+                              f"{digest[:12]}… does not match the manifest's {sha256[:12]}…")
 
     def verify_files(self) -> None:
         for name in self.manifest.pieces:

@@ -140,12 +140,13 @@ def add_backend_args(sp: argparse.ArgumentParser, bench: bool = False) -> None:
     sp.add_argument("--no-cuda-graphs", action="store_true",
                     help="torch-cuda: launch each piece's kernels instead of replaying a CUDA graph")
     sp.add_argument("--precision", choices=["fp32", "fp16", "int8"],
-                    help="tensorrt: engine precision (default fp32; int8 needs a bundle whose "
-                         "pieces carry Q/DQ nodes, see 'adaedge quantize')")
+                    help="tensorrt: engine precision (default fp32; int8 applies to pieces that "
+                         "carry Q/DQ nodes, the others build in fp32)")
     sp.add_argument("--plugins", help="tensorrt: the adaedge plugin library (libadaedge_plugins.so)"
                                       " to map CheapFill and CalibratedConv nodes to")
     sp.add_argument("--max-batch", type=int,
-                    help="tensorrt: largest batch the engines take (default 16)")
+                    help="tensorrt: largest batch the engines take (default 1: static shapes; "
+                         "more builds a batch profile, so that batches dispatch by branch)")
 
 
 def backend_options(args: argparse.Namespace) -> Dict[str, Any]:

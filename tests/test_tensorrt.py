@@ -129,7 +129,7 @@ def test_cache_returns_only_engines_built_for_this_setup(tiny_bundle, tmp_path):
     key = engine_key(sha, "10.3.0", DEVICE, "fp16", 1, None)
     assert cache.lookup("head", key) == (None, "no engine built yet")
     path = cache.store("head", key, b"engine bytes")
-    assert cache.lookup("head", key) == (path, "")
+    assert cache.lookup("head", key) == (b"engine bytes", "")
     other = engine_key(sha, "8.6.2", {"name": "NVIDIA H100", "compute_capability": "9.0"},
                        "fp16", 1, None)
     found, why = cache.lookup("head", other)

@@ -49,7 +49,8 @@ class NumpyOps:
         return np.asarray(v)
 
     def rows(self, v: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return v[index]
+        run = as_slice(index)
+        return v[run] if run is not None else v[index]
 
     def scatter(self, parts: Sequence[Tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
         first = parts[0][1]
@@ -71,6 +72,15 @@ class NumpyOps:
 
 
 NUMPY = NumpyOps()
+
+
+def as_slice(index: np.ndarray) -> "slice | None":
+    """Host row indices that are one ascending run as a slice (rows by a slice are a view, with
+    no copy: values are never written in place), else None."""
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) == 0 or np.any(np.diff(index) != 1):
+        return None
+    return slice(int(index[0]), int(index[-1]) + 1)
 
 
 def runs(index: np.ndarray) -> List[Tuple[int, int, int]]:

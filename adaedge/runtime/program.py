@@ -302,18 +302,18 @@ class Runtime:
                 if keep_values:
                     kept[v] = ops.to_host(outs[k])
 
-        def decide(value: Any, what: str) -> np.ndarray:
-            """Branch indices to the host: the one transfer a gate costs (timed per clip)."""
+        def decide(value: Any, what: str, count: int) -> np.ndarray:
+            """Branch indices (of ``count`` branches) to the host: the one transfer a gate costs,
+            timed per clip."""
             t0 = time.perf_counter()
             choice = ops.to_host(value).reshape(-1).astype(np.int64)
             ms = (time.perf_counter() - t0) * 1e3
             for row in active:
                 traces[row].decision_ms += ms
                 traces[row].decisions += 1
-            if choice.shape[0] != len(active) or choice.min() < 0 or \
-                    choice.max() >= len(branches):
+            if choice.shape[0] != len(active) or choice.min() < 0 or choice.max() >= count:
                 raise BundleError(f"{what} holds branch indices {choice} outside "
-                                  f"0..{len(branches) - 1}")
+                                  f"0..{count - 1}")
             return choice
 
         for step in m.program:
@@ -332,12 +332,12 @@ class Runtime:
                     choice = np.full(len(active), forced[name], dtype=np.int64)
                 elif "select" in step:
                     choice = decide(feed({"select": step["select"]}, name)["select"],
-                                    f"{name}.select")
+                                    f"{name}.select", len(branches))
                 else:
                     gate = step["gate"]
                     gouts = self._run(gate["piece"], name + ".gate", feed(gate["inputs"], name),
                                       active, traces)
-                    choice = decide(gouts[gate["decision"]], f"{name}.decision")
+                    choice = decide(gouts[gate["decision"]], f"{name}.decision", len(branches))
                 for row, c in zip(active, choice):
                     traces[row].branches[name] = branches[int(c)]["name"]
                 uniq = np.unique(choice)

@@ -109,8 +109,9 @@ class EngineCache:
             raise BundleError(f"engine cache index {self.index_path} is not an adaedge index")
         return pieces
 
-    def lookup(self, piece: str, key: Mapping[str, Any]) -> Tuple[Optional[Path], str]:
-        """The cached engine for ``piece`` under ``key``, or None and why not."""
+    def lookup(self, piece: str, key: Mapping[str, Any]) -> Tuple[Optional[bytes], str]:
+        """The cached engine of ``piece`` under ``key`` (its bytes, read once and hash-checked:
+        what is deserialized is what was checked), or None and why not."""
         entry = self.read().get(piece)
         if not isinstance(entry, dict):
             return None, "no engine built yet"
@@ -120,9 +121,10 @@ class EngineCache:
         path = safe_join(self.folder, str(entry.get("file")))
         if not path.is_file():
             return None, f"its engine file {path.name} is missing"
-        if sha256_file(path) != entry.get("sha256"):
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             return None, f"its engine file {path.name} does not match its recorded hash"
-        return path, ""
+        return data, ""
 
     def store(self, piece: str, key: Mapping[str, Any], engine: bytes) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -340,8 +342,7 @@ class TensorRTBackend:
             if progress:
                 progress(i, len(names), name)
             key = self.key(bundle, name)
-            path, _ = cache.lookup(name, key)
-            if path is None:
+            if cache.lookup(name, key)[0] is None:
                 cache.store(name, key, self.build_engine(bundle, name))
         if progress:
             progress(len(names), len(names), "done")
@@ -351,20 +352,19 @@ class TensorRTBackend:
     def load(self, bundle: Bundle, piece: str) -> TensorRTExecutable:
         cache = EngineCache(bundle)
         key = self.key(bundle, piece)
-        path, why = cache.lookup(piece, key)
-        if path is None:
+        data, why = cache.lookup(piece, key)
+        if data is None:
             if not self._can_build():
                 raise BundleError(f"piece {piece!r} has no usable TensorRT engine: {why}. This "
                                   "TensorRT cannot build engines; run 'adaedge build --backend "
                                   "tensorrt' where the full TensorRT is installed")
-            path = cache.store(piece, key, self.build_engine(bundle, piece))
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != cache.read()[piece]["sha256"]:
-            raise BundleError(f"engine {path} changed while it was being loaded")
+            data = self.build_engine(bundle, piece)
+            cache.store(piece, key, data)
         engine = self.runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise BundleError(f"TensorRT {self.version} cannot deserialize {path}; delete it and "
-                              "run 'adaedge build --backend tensorrt'")
+            raise BundleError(f"TensorRT {self.version} cannot deserialize the engine of "
+                              f"{piece!r} in {cache.folder}; delete it and run 'adaedge build "
+                              "--backend tensorrt'")
         spec = bundle.manifest.pieces[piece]
         return TensorRTExecutable(self, engine, piece, [t.name for t in spec.inputs],
                                   [t.name for t in spec.outputs], self.max_batch)

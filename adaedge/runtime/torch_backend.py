@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from .arrays import as_slice
 from .backends import BackendUnavailable, Progress
 
 
@@ -50,11 +51,8 @@ class TorchArrays:
         return v.detach().cpu().numpy()
 
     def rows(self, v: Any, index: np.ndarray) -> Any:
-        index = np.asarray(index, dtype=np.int64)
-        if len(index) and index[-1] - index[0] + 1 == len(index) and \
-                np.all(np.diff(index) == 1):      # one run of rows: a view, no copy
-            return v[int(index[0]):int(index[-1]) + 1]
-        return v.index_select(0, self._index(index))
+        run = as_slice(index)
+        return v[run] if run is not None else v.index_select(0, self._index(index))
 
     def scatter(self, parts: Sequence[Tuple[np.ndarray, Any]], n: int) -> Any:
         first = parts[0][1]
