@@ -27,13 +27,14 @@ import platform
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .runtime.program import Force, Runtime
+from .errors import UsageError
+from .progress import Progress
+from .runtime.interpreter import Force, Runtime
 
-Progress = Optional[Callable[[int, int, str], None]]
 DEFAULT_CONFIGS = ("static", "all-half", "all-stride2", "cheapest", "free")
 
 
@@ -98,7 +99,7 @@ def exit_budgets(runtime: Runtime) -> List[str]:
     steps = runtime.manifest.exits()
     if not steps:
         return []
-    keys = set.intersection(*(set(s.get("thresholds", {})) for s in steps)) - {"default"}
+    keys = set.intersection(*(set(s.thresholds) for s in steps)) - {"default"}
 
     def as_number(k: str) -> float:
         try:
@@ -152,13 +153,13 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
     all at once); times and FLOPs are per clip, averaged over the clips.
     """
     if not configs:
-        raise ValueError("nothing to benchmark")
+        raise UsageError("nothing to benchmark")
     if reps < 1 or warmup < 0:
-        raise ValueError("reps must be >= 1 and warmup >= 0")
+        raise UsageError("reps must be >= 1 and warmup >= 0")
     total_clips = int(clips.shape[0])
     batch = int(batch or total_clips)
     if not 1 <= batch <= total_clips:
-        raise ValueError(f"batch {batch} must be between 1 and the {total_clips} clips")
+        raise UsageError(f"batch {batch} must be between 1 and the {total_clips} clips")
     order = list(range(len(configs)))
     rng = random.Random(seed)
     times: Dict[int, List[float]] = {i: [] for i in order}
@@ -242,9 +243,8 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
     report = run_configs(chosen, x, reps, warmup, seed, reference=reference, progress=progress,
                          batch=batch)
     report.meta["backend"] = runtime.backend.name
-    device = getattr(runtime.backend, "device_info", None)
-    if callable(device):
-        report.meta["device"] = device()
+    report.meta["threads"] = runtime.backend.threads
+    report.meta["device"] = runtime.backend.device_info()
     return report
 
 
@@ -268,7 +268,8 @@ def format_table(report: BenchReport) -> str:
     for them) appears where gates decided."""
     decide = any(c.decisions for c in report.configs)
     device = report.meta.get("device")
-    lines = [f"on {device['name']}" if isinstance(device, dict) and device.get("name") else "",
+    lines = [f"on {device['name']}" if isinstance(device, dict) and device.get("name")
+             and device.get("name") not in ("cpu", "cuda") else "",
              f"batch {report.batch}, {report.reps} interleaved repetitions, per clip:",
              f"{'config':<22}{'GFLOPs':>9}{'median ms':>11}{'p90 ms':>9}{'clips/s':>9}"
              f"{'realisation':>13}" + (f"{'decide ms':>11}" if decide else "")]

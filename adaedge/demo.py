@@ -28,25 +28,34 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, sha256_file
+from .bundle import Bundle, BundleError, Manifest, sha256_file
 from .bundle import load as load_bundle
+from .errors import SourceError, UsageError, require
+from .progress import Progress
 from .runtime import Runtime
 from .runtime import load as load_runtime
 
-Progress = Optional[Callable[[int, int, str], None]]
 DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "vared_r2plus1d_motion.pt"
 
-# One colour (BGR) per branch, cheapest lightest; the legend names them.
-BRANCH_COLOURS = {"R1-r1": (40, 40, 200), "R1-r1/2": (40, 160, 230), "R2-r1": (60, 200, 120),
-                  "R2-r1/2": (200, 230, 120)}
+# One colour (BGR) per branch index (a switch's branches go from the full one to the cheapest):
+# the full branch darkest, cheaper ones lighter.
+PALETTE = [(40, 40, 200), (40, 160, 230), (60, 200, 120), (200, 230, 120), (230, 160, 200),
+           (200, 200, 200)]
 
 
-class SourceError(RuntimeError):
-    """A camera, file or URL that cannot be opened or read."""
+def branch_legend(manifest: Manifest) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """(words, colour) for each branch index of the bundle's gates: the exporting family's
+    titles for the first switch's branches (``model.branch_titles``), or the branch names."""
+    switches = manifest.switches()
+    if not switches:
+        return []
+    titles = manifest.model.get("branch_titles") or {}
+    return [(str(titles.get(b.name, b.name)), PALETTE[i % len(PALETTE)])
+            for i, b in enumerate(switches[0].branches)]
 
 
 def default_video() -> Path:
@@ -70,7 +79,8 @@ def demo_bundle(checkpoint: Union[str, Path] = DEMO_CHECKPOINT, backend: str = "
     """The bundle of ``checkpoint`` in the cache, exported and built on first use."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"demo checkpoint {checkpoint} is missing")
+        raise SourceError(f"the demo checkpoint {checkpoint} is missing: reinstall adaedge, or "
+                          "give --bundle")
     digest = sha256_file(checkpoint)
     out = cache_dir() / "bundles" / f"{checkpoint.stem}-{digest[:12]}"
     try:
@@ -78,6 +88,7 @@ def demo_bundle(checkpoint: Union[str, Path] = DEMO_CHECKPOINT, backend: str = "
         return out
     except BundleError:
         pass
+    require("torch", "exporting the demo checkpoint on first use", "export")
     from . import models
     from .export import export
     from .runtime import build
@@ -132,6 +143,7 @@ class ClipResult:
     branches: List[str]
     gflops: float
     ms: float
+    branch_index: List[int] = field(default_factory=list)   # per gate, the index of its branch
 
 
 @dataclass
@@ -197,7 +209,7 @@ class InferenceWorker(threading.Thread):
         self.stopping = False
         self.busy = False
         self.error: Optional[BaseException] = None
-        self.order = [s["name"] for s in runtime.manifest.switches()]
+        self.order = [(s.name, [b.name for b in s.branches]) for s in runtime.manifest.switches()]
         self.state = runtime.initial_state(1) if runtime.manifest.window is not None else None
 
     def offer(self, index: int, clip: np.ndarray) -> None:
@@ -239,9 +251,11 @@ class InferenceWorker(threading.Thread):
             p /= p.sum()
             k = int(p.argmax())
             trace = result.traces[0]
-            branches = [trace.branches.get(n, "?") for n in self.order]
+            branches = [trace.branches.get(n, "?") for n, _ in self.order]
+            position = [names.index(b) if b in names else -1
+                        for b, (_, names) in zip(branches, self.order)]
             res = ClipResult(index, self.labels[k] if k < len(self.labels) else str(k),
-                             float(p[k]), branches, trace.gflops, ms)
+                             float(p[k]), branches, trace.gflops, ms, position)
             with self.cond:
                 self.latest = res
                 self.busy = False
@@ -255,7 +269,8 @@ class InferenceWorker(threading.Thread):
 
 
 def draw_overlay(frame: np.ndarray, res: Optional[ClipResult], static_gflops: float,
-                 fps: float, skipped: int) -> np.ndarray:
+                 fps: float, skipped: int,
+                 legend: Sequence[Tuple[str, Tuple[int, int, int]]] = ()) -> np.ndarray:
     """The frame with the latest result drawn on it (a copy): three text rows, the branch strip
     (one cell per gate, in program order) and its legend."""
     import cv2
@@ -284,16 +299,17 @@ def draw_overlay(frame: np.ndarray, res: Optional[ClipResult], static_gflops: fl
     n = max(1, len(res.branches))
     cell = max(1, (w - 2 * pad) // n)
     y0, y1 = pad + line * 3 + 2, pad + line * 4 - 4
-    for i, b in enumerate(res.branches):
-        colour = BRANCH_COLOURS.get(b, (128, 128, 128))
+    for i, k in enumerate(res.branch_index):
+        colour = legend[k][1] if 0 <= k < len(legend) else (128, 128, 128)
         cv2.rectangle(out, (pad + i * cell, y0), (pad + (i + 1) * cell - 2, y1), colour, -1)
     x = 0
     chip = int(12 * scale) + 4
-    for name, colour in BRANCH_COLOURS.items():
+    for name, colour in legend:
         yb = pad + line * 4 + 2
         cv2.rectangle(out, (pad + x, yb + 2), (pad + x + chip, yb + line - 8), colour, -1)
         put(name, 4, (230, 230, 230), x + chip + 4)
-        x += chip + int(95 * scale) + 10
+        (text_w, _), _ = cv2.getTextSize(name, font, scale * 0.7, thick)
+        x += chip + text_w + 16
     return out
 
 
@@ -317,9 +333,10 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
              progress: Progress = None, log: Callable[[str], None] = print,
              **backend_options: Any) -> Summary:
     """Run the demo; returns its summary (see the module docstring)."""
+    require("cv2", "adaedge demo", "demo")
     import cv2
     if frame_step < 1 or clip_stride < 1:
-        raise ValueError("frame_step and clip_stride must be at least 1")
+        raise UsageError("frame_step and clip_stride must be at least 1")
     src = default_video() if source is None else source
     cap, description = open_source(src)     # fail on a bad source before any export work
     try:
@@ -342,6 +359,7 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         summary = Summary(description)
         if "static" in b.manifest.policies:
             summary.static_gflops = b.manifest.policy_flops("static") / 1e9
+        legend = branch_legend(b.manifest)
         worker = InferenceWorker(runtime, labels, summary)
         worker.start()
         fps_src = cap.get(cv2.CAP_PROP_FPS) or 0.0
@@ -379,7 +397,7 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             fps = (len(shown) - 1) / (shown[-1] - shown[0]) if len(shown) > 1 and \
                 shown[-1] > shown[0] else 0.0
             annotated = draw_overlay(frame, worker.latest, summary.static_gflops, fps,
-                                     summary.clips_skipped)
+                                     summary.clips_skipped, legend)
             if output is not None:
                 if writer is None:
                     h, w = annotated.shape[:2]

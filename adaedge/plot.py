@@ -11,6 +11,8 @@ from typing import Any, List, Sequence, Tuple, Union
 
 import numpy as np
 
+from .errors import require
+
 W, H, MARGIN = 720, 480, 70
 
 
@@ -27,6 +29,7 @@ def line_plot(path: Union[str, Path], series: List[Tuple[str, Sequence[float], S
                                                           Tuple[int, int, int], bool]],
               title: str, xlabel: str, ylabel: str) -> Path:
     """Draw ``(label, xs, ys, bgr colour, joined)`` series on shared axes and save a PNG."""
+    require("cv2", "plotting", "demo")
     import cv2
     img = np.full((H, W, 3), 255, np.uint8)
     xs_all = [x for s in series for x in s[1]]

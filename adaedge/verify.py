@@ -3,32 +3,46 @@
 Cases: free gates, then every branch forced at every gate in turn (branch 0 everywhere, branch 1
 everywhere, ...), so every piece of the bundle runs; a bundle without gates (TAda2D) has one case.
 Each program value (the output of every unit) is compared in program order; the first that differs
-names the piece that produced it. With free gates the branch each gate chose must match too.
-A bundle with exit steps (AdaFocusV3) adds one case per exit: every clip stops there, and its
-scores must match the reference's prediction at that stage. A stream bundle (AdaFuse) is fed
-clips of ``window`` frames one frame at a time, with free decisions and under each stored policy;
-every value named after a reference module is compared at every frame, then the final scores.
+names the piece that produced it. With free gates the branch each gate chose must match too (the
+family's registry entry says where the reference records its choices). A bundle with exit steps
+(AdaFocusV3) adds one case per exit: every clip stops there, and its scores must match the
+reference's prediction at that stage. A stream bundle (AdaFuse) is fed clips of ``window`` frames
+one frame at a time, with free decisions and under each stored policy; every value named after a
+reference module is compared at every frame, then the final scores.
 
-Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4.
+Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4
+(:func:`relative_error`).
+
+The reference needs PyTorch (the ``export`` extra); this module imports it only when a reference
+is built, so :func:`relative_error` serves everywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
-from . import models
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, Manifest, Run, Switch
 from .bundle import load as load_bundle
+from .errors import BundleError, require
+from .progress import Progress
 from .runtime import Runtime
 from .runtime import load as load_runtime
 
 RTOL = 1e-4
-Progress = Optional[Callable[[int, int, str], None]]
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| (in float64; 0 for empty arrays): the error every parity check in
+    adaedge states its tolerance in."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if b.size == 0:
+        return 0.0
+    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-12)
 
 
 @dataclass
@@ -60,9 +74,13 @@ class Report:
                 "clips": self.clips, "ok": self.ok, "cases": [c.to_json() for c in self.cases]}
 
 
-def reference_model(bundle: Bundle, checkpoint: Optional[Union[str, Path]] = None) -> torch.nn.Module:
+def reference_model(bundle: Bundle, checkpoint: Optional[Union[str, Path]] = None) -> Any:
     """The PyTorch model a bundle was exported from: its config, and the checkpoint's weights
     (or, for a bundle exported with random weights, the same seed)."""
+    require("torch", "verifying against the PyTorch reference", "export")
+    import torch
+
+    from . import models
     info = bundle.manifest.model
     config = dict(info.get("config") or {})
     weights = info.get("weights") or {}
@@ -78,33 +96,37 @@ def reference_model(bundle: Bundle, checkpoint: Optional[Union[str, Path]] = Non
     return model.eval()
 
 
-def _capture(model: torch.nn.Module, names: List[str]) -> Tuple[Dict[str, torch.Tensor], list]:
+def _capture(model: Any, names: List[str]) -> Tuple[Dict[str, Any], list]:
     """Hooks recording the output of each named module (program values are module names)."""
-    store: Dict[str, torch.Tensor] = {}
+    store: Dict[str, Any] = {}
     modules = dict(model.named_modules())
     hooks = []
     for name in names:
         if name in modules:
-            def hook(mod: torch.nn.Module, inp: Any, out: torch.Tensor, name: str = name) -> None:
+            def hook(mod: Any, inp: Any, out: Any, name: str = name) -> None:
                 store[name] = out.detach()
             hooks.append(modules[name].register_forward_hook(hook))
     return store, hooks
 
 
-def _piece_outputs(manifest: Any) -> List[str]:
+def _piece_outputs(manifest: Manifest) -> List[str]:
     """Every value a run or switch step writes, in program order."""
-    return [v for s in manifest.program if s["op"] in ("run", "switch")
-            for v in s["outputs"].values()]
+    return [v for s in manifest.program if isinstance(s, (Run, Switch)) for v in s.outputs.values()]
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    scale = float(np.abs(b).max()) if b.size else 0.0
-    return float(np.abs(a.astype(np.float64) - b).max()) / max(scale, 1e-12) if b.size else 0.0
+def _reference_decisions(model: Any, switch: str) -> Optional[List[int]]:
+    from . import models
+    name = getattr(model, "adaedge_name", None)
+    fam = models.family_of(name) if isinstance(name, str) else None
+    if fam is None or fam.decisions is None:
+        return None
+    return fam.decisions(model, switch)
 
 
-def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
+def compare(runtime: Runtime, model: Any, clips: np.ndarray,
             force: Optional[int], name: str, rtol: float = RTOL) -> CaseResult:
     """Run one case on both sides and compare every program value in program order."""
+    import torch
     manifest = runtime.manifest
     store, hooks = _capture(model, _piece_outputs(manifest))
     set_policy = getattr(model, "set_policy", None)  # models without branches have none
@@ -120,26 +142,25 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             h.remove()
     store[manifest.output] = logits.detach()
     result = runtime.classify(clips, force=force, keep_values=True)
-    dyn = {n: m for n, m in model.named_modules() if hasattr(m, "last_branch")}
     worst = 0.0
     for step in manifest.program:
-        if step["op"] == "switch" and force is None:
-            unit = dyn.get(step["name"] + ".conv")
-            if unit is not None and unit.last_branch is not None:
-                want = [step["branches"][int(i)]["name"] for i in unit.last_branch.tolist()]
-                got = [t.branches.get(step["name"]) for t in result.traces]
+        if isinstance(step, Switch) and force is None and step.gate is not None:
+            chosen = _reference_decisions(model, step.name)
+            if chosen is not None:
+                want = [step.branches[i].name for i in chosen]
+                got = [t.branches.get(step.name) for t in result.traces]
                 if want != got:
                     return CaseResult(name, False, worst,
-                                      f"gate piece {step['gate']['piece']!r} chose {got}, the "
+                                      f"gate piece {step.gate.piece!r} chose {got}, the "
                                       f"reference chose {want}")
-        if step["op"] not in ("run", "switch"):
+        if not isinstance(step, (Run, Switch)):
             continue
-        for value in step["outputs"].values():
+        for value in step.outputs.values():
             if value not in store:
                 continue
             ref = store[value].numpy().astype(np.float64)
             got_v = result.values.get(value)
-            if step.get("layouts", {}).get(value) == "NTCHW" and ref.ndim == 5:
+            if isinstance(step, Run) and step.layouts.get(value) == "NTCHW" and ref.ndim == 5:
                 ref = ref.transpose(0, 2, 1, 3, 4)  # the module's (N, C, T, H, W)
             elif got_v is not None and ref.ndim == 4 and got_v.ndim == 5 and \
                     ref.size == got_v.size:
@@ -147,19 +168,19 @@ def compare(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
             if got_v is None or got_v.shape != ref.shape:
                 return CaseResult(name, False, worst, f"value {value!r} missing or of shape "
                                   f"{None if got_v is None else got_v.shape}, expected {ref.shape}")
-            err = _rel(got_v, ref)
+            err = relative_error(got_v, ref)
             worst = max(worst, err)
             if not err <= rtol:
-                if step["op"] == "switch":
-                    used = sorted({t.branches.get(step["name"], "?") for t in result.traces})
-                    pieces = [b["piece"] for b in step["branches"]
-                              if b["name"] in used and "piece" in b]
+                if isinstance(step, Switch):
+                    used = sorted({t.branches.get(step.name, "?") for t in result.traces})
+                    pieces = [b.piece for b in step.branches
+                              if b.name in used and b.piece is not None]
                 else:
-                    pieces = [step["piece"]]
+                    pieces = [step.piece]
                 return CaseResult(name, False, worst,
                                   f"value {value!r} from piece {', '.join(pieces)} differs: "
                                   f"relative error {err:.3g} > {rtol:g}")
-    final = _rel(result.scores, store[manifest.output].numpy().astype(np.float64))
+    final = relative_error(result.scores, store[manifest.output].numpy())
     worst = max(worst, final)
     if not final <= rtol:
         return CaseResult(name, False, worst, f"scores differ: relative error {final:.3g}")
@@ -175,9 +196,9 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     runtime = load_runtime(b, backend, **backend_options)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal([clips] + b.manifest.full_clip_shape).astype(np.float32)
+    report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
     if b.manifest.window is not None:
-        report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
-        policies: List[Optional[str]] = [None] + runtime.policies
+        policies: List[Optional[str]] = [None, *runtime.policies]
         for k, policy in enumerate(policies):
             if progress:
                 progress(k, len(policies), policy or "free")
@@ -186,14 +207,13 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
             progress(len(policies), len(policies), "done")
         return report
     switches = b.manifest.switches()
-    n_branches = max((len(s["branches"]) for s in switches), default=0)
+    n_branches = max((len(s.branches) for s in switches), default=0)
     cases: List[Tuple[str, Optional[int]]] = [("free gates", None)]
-    names = switches[0]["branches"] if switches else []
+    names = switches[0].branches if switches else []
     for i in range(n_branches):
-        cases.append((f"every gate forced to branch {i} ({names[i]['name'] if i < len(names) else i})",
+        cases.append((f"every gate forced to branch {i} ({names[i].name if i < len(names) else i})",
                       i))
-    exits = [s["name"] for s in b.manifest.exits()]
-    report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
+    exits = [s.name for s in b.manifest.exits()]
     total = len(cases) + len(exits)
     for k, (name, force) in enumerate(cases):
         if progress:
@@ -208,10 +228,11 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
     return report
 
 
-def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
+def compare_stream(runtime: Runtime, model: Any, clips: np.ndarray,
                    policy: Optional[str], rtol: float = RTOL) -> CaseResult:
     """A stream bundle fed the clips frame by frame: every value named after a module of the
     reference, at every frame, then the scores after the last frame."""
+    import torch
     name = "stream, free decisions" if policy is None else f"stream, every switch by {policy!r}"
     manifest = runtime.manifest
     store, hooks = _capture(model, _piece_outputs(manifest))
@@ -224,6 +245,7 @@ def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
     n, frames = clips.shape[0], clips.shape[2]
     state = runtime.initial_state(n)
     worst = 0.0
+    result = None
     for t in range(frames):
         result = runtime.classify(clips[:, :, t:t + 1], force=policy, keep_values=True,
                                   state=state)
@@ -236,12 +258,13 @@ def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
                 return CaseResult(name, False, worst, f"value {value!r} at frame {t} missing or "
                                   f"of shape {None if got is None else got.shape}, expected "
                                   f"{ref.shape}")
-            err = _rel(got, ref)
+            err = relative_error(got, ref)
             worst = max(worst, err)
             if not err <= rtol:
                 return CaseResult(name, False, worst, f"value {value!r} differs at frame {t}: "
                                   f"relative error {err:.3g} > {rtol:g}")
-    final = _rel(result.scores, logits)
+    assert result is not None
+    final = relative_error(result.scores, logits)
     worst = max(worst, final)
     if not final <= rtol:
         return CaseResult(name, False, worst, f"scores after {frames} frames differ: relative "
@@ -249,10 +272,11 @@ def compare_stream(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray,
     return CaseResult(name, True, worst)
 
 
-def compare_exit(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray, exit_name: str,
+def compare_exit(runtime: Runtime, model: Any, clips: np.ndarray, exit_name: str,
                  index: int, rtol: float = RTOL) -> CaseResult:
     """Every clip stopped at exit step ``exit_name``: its scores against the reference's
     prediction at that stage (``model.stage_logits(clips)[index]``)."""
+    import torch
     name = f"every clip exits at {exit_name}"
     stage_logits = getattr(model, "stage_logits", None)
     if stage_logits is None:
@@ -261,10 +285,14 @@ def compare_exit(runtime: Runtime, model: torch.nn.Module, clips: np.ndarray, ex
     with torch.no_grad():
         ref = stage_logits(torch.from_numpy(clips))[index].numpy().astype(np.float64)
     result = runtime.classify(clips, exit_at=exit_name)
-    err = _rel(result.scores, ref)
+    err = relative_error(result.scores, ref)
     if any(t.exit != exit_name for t in result.traces):
         return CaseResult(name, False, err, f"clips did not stop at {exit_name}")
     if not err <= rtol:
         return CaseResult(name, False, err, f"scores at {exit_name} differ: relative error "
                           f"{err:.3g} > {rtol:g}")
     return CaseResult(name, True, err)
+
+
+__all__ = ["verify", "compare", "compare_stream", "compare_exit", "reference_model",
+           "relative_error", "Report", "CaseResult", "RTOL"]

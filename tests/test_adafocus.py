@@ -16,7 +16,8 @@ from adaedge.cli import main
 from adaedge.export import export
 from adaedge.models.adafocus_v3 import load_official_parts, temporal_shift
 from adaedge.nn.focus import crop_cube
-from adaedge.runtime.program import InputError
+from adaedge.errors import InputError
+from adaedge.verify import relative_error as rel
 from adaedge.verify import verify
 
 from .conftest import randomize
@@ -40,11 +41,6 @@ def tiny_focus(seed: int = 0, **overrides: object) -> torch.nn.Module:
     config = dict(FOCUS_TINY)
     config.update(overrides)
     return randomize_focus(models.create("adafocus_v3", **config), seed)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_crop_cube_is_linear_interpolation_at_the_placed_positions():
@@ -84,7 +80,7 @@ def test_temporal_shift_moves_one_eighth_of_the_channels_each_way():
 def test_every_exit_stage_matches_the_reference(tmp_path, shift):
     model = tiny_focus(temporal_shift=shift)
     manifest = export(model, tmp_path / "b", weights={"source": "test"})
-    assert [s["op"] for s in manifest.program] == ["run", "exit", "run", "exit", "run"]
+    assert [s.op for s in manifest.program] == ["run", "exit", "run", "exit", "run"]
     rt = runtime.load(tmp_path / "b")
     x = torch.randn(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -139,8 +135,8 @@ def test_calibration_meets_each_budget_and_stores_thresholds(calibrated):
         assert np.mean([t.flops for t in r.traces]) / 1e9 == pytest.approx(sol.gflops, rel=1e-6)
         assert float((r.labels == y).mean()) == pytest.approx(sol.accuracy)
     assert report.solutions[0].accuracy <= report.solutions[1].accuracy + 1e-12
-    steps = [s for s in load_bundle(out).manifest.program if s["op"] == "exit"]
-    assert all(len(s["thresholds"]) == 2 for s in steps)
+    steps = [s for s in load_bundle(out).manifest.program if s.op == "exit"]
+    assert all(len(s.thresholds) == 2 for s in steps)
 
 
 def test_batched_early_exit_gives_each_clip_what_it_gets_alone(calibrated):
@@ -203,8 +199,8 @@ def test_cli_calibrate_bench_and_the_official_parts(calibrated, tmp_path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["criterion"] == "max_prob" and len(report["solutions"]) == 1
     assert (tmp_path / "curve.png").stat().st_size > 1000
-    steps = [s for s in load_bundle(out).manifest.program if s["op"] == "exit"]
-    assert all(s["criterion"] == "max_prob" and len(s["thresholds"]) == 1 for s in steps)
+    steps = [s for s in load_bundle(out).manifest.program if s.op == "exit"]
+    assert all(s.criterion == "max_prob" and len(s.thresholds) == 1 for s in steps)
     key = report["solutions"][0]["key"]
     assert main(["bench", str(out), "--data", "motion:test:16", "--batch", "4", "--reps", "1",
                  "--warmup", "0", "--json", "-q"]) == 0

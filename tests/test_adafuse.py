@@ -20,6 +20,7 @@ from adaedge.export import ExportError, export
 from adaedge.models import CheckpointError
 from adaedge.models.adafuse import KEEP, REUSE, SKIP, AdaFuse, previous_frame, temporal_shift
 from adaedge.runtime import Stream, load
+from adaedge.verify import relative_error as close
 
 from .conftest import randomize
 
@@ -47,10 +48,6 @@ def tiny_adafuse(seed: int = 0, **overrides: object) -> AdaFuse:
 
 def clips(n: int = 2, frames: int = 4, size: int = 48, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, frames, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def close(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(1e-6, np.abs(b).max()))
 
 
 def block_outputs(model: AdaFuse, x: torch.Tensor) -> Dict[str, np.ndarray]:
@@ -252,7 +249,7 @@ def test_gathered_stream_runs_fewer_flops_and_every_bucket_is_exact(tmp_path):
     assert len(chosen) > 2                            # several buckets served these clips
     manifest = load_bundle(tmp_path / "g").manifest
     assert manifest.window == 4 and manifest.input["frames"] == 1
-    assert manifest.constants is not None and any(s["op"] == "switch" and "select" in s
+    assert manifest.constants is not None and any(s.op == "switch" and s.select is not None
                                                   for s in manifest.program)
 
 
@@ -318,7 +315,9 @@ def test_cli_export_verify_bench_for_streams(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "gathered"), "--reps", "2", "--warmup", "0", "--json",
                  "--quiet"]) == 0
     bench = json.loads(capsys.readouterr().out)
-    assert bench["configs"]
+    widest = load_bundle(tmp_path / "gathered").manifest.policy_flops("widest") * 4 / 1e9
+    assert [c["name"] for c in bench["configs"]] == ["free"]
+    assert 0 < bench["configs"][0]["gflops"] < widest     # the policy saved compute
 
 
 def test_demo_streams_a_video_frame_by_frame(tmp_path):

@@ -83,7 +83,7 @@ def test_flops_counted_from_graphs_match_the_analytic_count(tiny, tiny_bundle):
     """The static network's conv MACs from ONNX equal the layers' analytic MACs (+ the head)."""
     b = bundle_mod.load(tiny_bundle)
     m = b.manifest
-    static = sum(m.pieces[s["branches"][0]["piece"]].flops for s in m.switches())
+    static = sum(m.pieces[s.branches[0].piece].flops for s in m.switches())
     assert static == int(sum(tiny.layer_costs()))
     head = tiny.head.fc
     assert m.pieces["head"].flops == head.in_features * head.out_features
@@ -93,8 +93,8 @@ def test_flops_counted_from_graphs_match_the_analytic_count(tiny, tiny_bundle):
         conv = plan.unit.conv
         c_out, t_out, h, w = plan.out_shape
         per_output = conv.in_channels * int(np.prod(conv.kernel_size))
-        step = next(s for s in m.switches() if s["name"] == plan.name)
-        for br, entry in zip(conv.branches, step["branches"]):
+        step = next(s for s in m.switches() if s.name == plan.name)
+        for br, entry in zip(conv.branches, step.branches):
             computed = c_out // 2 ** br.c
             frames = -(-t_out // br.temporal_factor)
             want = computed * frames * h * w * per_output
@@ -102,7 +102,7 @@ def test_flops_counted_from_graphs_match_the_analytic_count(tiny, tiny_bundle):
                 want += (c_out - computed) * frames * h * w * 9
             if br.t and t_out > frames:
                 want += c_out * (br.temporal_factor - 1) * frames * h * w * 9
-            assert m.pieces[entry["piece"]].flops == want, entry["piece"]
+            assert m.pieces[entry.piece].flops == want, entry.piece
 
 
 def test_manifest_describes_input_policies_and_weights(tiny_bundle):

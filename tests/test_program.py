@@ -19,7 +19,8 @@ import pytest
 
 from adaedge import bundle as bundle_mod
 from adaedge import runtime
-from adaedge.bundle import Manifest, Piece, TensorSpec, sha256_file, write_manifest
+from adaedge.bundle import (Manifest, Piece, ProgramBuilder, TensorSpec, sha256_file,
+                            write_manifest)
 from adaedge.export.graph import Graph
 from adaedge.runtime import InputError
 
@@ -56,24 +57,18 @@ def make_bundle(root, thresholds):
     for p in pieces.values():   # fix the clip input's shape
         if p.name == "encode":
             p.inputs[0] = TensorSpec("x", ["N", C, T, S, S], "float32")
-    program = [
-        {"op": "run", "name": "encode", "piece": "encode", "inputs": {"x": "clip"},
-         "outputs": {"feat": "feat"}},
-        {"op": "run", "name": "head1", "piece": "head1", "inputs": {"f": "feat"},
-         "outputs": {"early": "early"}},
-        {"op": "exit", "name": "exit1", "scores": "early", "criterion": "entropy",
-         "thresholds": thresholds},
-        {"op": "run", "name": "mix", "piece": "mix", "inputs": {"f": "feat", "prev": "prev"},
-         "outputs": {"mixed": "mixed"}},
-        {"op": "carry", "name": "keep", "value": "mixed", "state": "prev"},
-        {"op": "run", "name": "head2", "piece": "head2", "inputs": {"f": "mixed"},
-         "outputs": {"scores": "scores"}},
-    ]
+    program = ProgramBuilder()
+    program.run("encode", {"x": "clip"}, {"feat": "feat"})
+    program.run("head1", {"f": "feat"}, {"early": "early"})
+    program.exit("exit1", "early", "entropy", thresholds)
+    program.run("mix", {"f": "feat", "prev": "prev"}, {"mixed": "mixed"})
+    program.carry("keep", "mixed", "prev")
+    program.run("head2", {"f": "mixed"}, {"scores": "scores"})
     manifest = Manifest(model={"name": "synthetic"},
                         input={"name": "clip", "layout": "NCTHW", "channels": C, "frames": T,
                                "size": [S, S], "dtype": "float32", "mean": [0.0] * 3,
                                "std": [1.0] * 3, "labels": None},
-                        output="scores", pieces=pieces, program=program,
+                        output="scores", pieces=pieces, program=program.steps,
                         state=[TensorSpec("prev", ["N", 3], "float32")])
     write_manifest(root, manifest)
     return root
@@ -154,4 +149,4 @@ def test_exited_clips_keep_their_previous_state(synthetic):
 def test_the_synthetic_bundle_validates(tmp_path):
     b = bundle_mod.load(make_bundle(tmp_path / "b", {}))
     b.verify_files()
-    assert [s["op"] for s in b.manifest.program] == ["run", "run", "exit", "run", "carry", "run"]
+    assert [s.op for s in b.manifest.program] == ["run", "run", "exit", "run", "carry", "run"]

@@ -14,14 +14,11 @@ import torch
 from adaedge import runtime
 from adaedge.bundle import BundleError
 from adaedge.runtime import BackendUnavailable, InputError
+from adaedge.verify import relative_error as _rel
 
 from .conftest import clips, varied_clips
 
 RTOL = 1e-4
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +46,8 @@ def test_free_gates_choose_what_the_reference_chooses(rt, tiny):
     mixed = 0
     for name, layer in tiny.dynamic_layers():
         unit = name[: -len(".conv")]
-        step = next(s for s in rt.manifest.switches() if s["name"] == unit)
-        want = [step["branches"][i]["name"] for i in layer.last_branch.tolist()]
+        step = next(s for s in rt.manifest.switches() if s.name == unit)
+        want = [step.branches[i].name for i in layer.last_branch.tolist()]
         assert [t.branches[unit] for t in result.traces] == want, unit
         mixed += len(set(want)) > 1
     assert mixed >= 5   # the batch really splits across branches at many gates
@@ -59,7 +56,7 @@ def test_free_gates_choose_what_the_reference_chooses(rt, tiny):
 def test_a_mixed_batch_gives_each_clip_what_it_gets_alone(rt):
     x = varied_clips().numpy()
     batch = rt.classify(x)
-    assert sum(len({t.branches[s["name"]] for t in batch.traces}) > 1
+    assert sum(len({t.branches[s.name] for t in batch.traces}) > 1
                for s in rt.manifest.switches()) >= 5
     for i in range(len(x)):
         alone = rt.classify(x[i:i + 1])
@@ -74,7 +71,7 @@ def test_named_policies_force_every_gate(rt):
                          ("all-stride2", "R2-r1"), ("cheapest", "R2-r1/2")]:
         result = rt.classify(x, force=policy)
         assert set(result.traces[0].branches.values()) == {name}
-    one = rt.manifest.switches()[3]["name"]
+    one = rt.manifest.switches()[3].name
     result = rt.classify(x, force={one: 3})
     assert result.traces[0].branches[one] == "R2-r1/2"
 
@@ -82,7 +79,7 @@ def test_named_policies_force_every_gate(rt):
 def test_trace_accounts_flops_and_time_of_every_step(rt):
     result = rt.classify(clips(3).numpy(), force="all-half")
     m = rt.manifest
-    want = sum(m.pieces[s["branches"][1]["piece"]].flops for s in m.switches()) + \
+    want = sum(m.pieces[s.branches[1].piece].flops for s in m.switches()) + \
         m.pieces["head"].flops
     for t in result.traces:
         assert t.flops == want

@@ -22,6 +22,7 @@ from adaedge.export import ExportError, export
 from adaedge.export.tada import calibrated_conv_graph
 from adaedge.models import CheckpointError
 from adaedge.nn import RouteFuncMLP, TAdaConv2d
+from adaedge.verify import relative_error as rel
 from adaedge.verify import verify
 
 from .conftest import randomize
@@ -48,11 +49,6 @@ def tiny_tada(seed: int = 0, **overrides: object) -> torch.nn.Module:
     config = dict(TADA_TINY)
     config.update(overrides)
     return randomize_tada(models.create("tada2d", **config), seed)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def literal_tadaconv(conv: TAdaConv2d, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

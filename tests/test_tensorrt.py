@@ -28,12 +28,12 @@ from adaedge.bundle import BundleError
 from adaedge.bundle import load as load_bundle
 from adaedge.export import export
 from adaedge.runtime import BackendUnavailable, load
-from adaedge.runtime import tensorrt as trt_backend
+from adaedge.runtime.backends import tensorrt as trt_backend
 from adaedge.runtime.arrays import NUMPY
-from adaedge.runtime.cuda import CudaArrays, HostDriver
+from adaedge.runtime.backends.tensorrt.cuda import CudaArrays, HostDriver
 from adaedge.runtime.onnx_prep import map_custom_ops, to_float16
-from adaedge.runtime.onnx_torch import OnnxModule
-from adaedge.runtime.tensorrt import EngineCache, engine_key
+from adaedge.runtime.backends.pytorch.translate import OnnxModule
+from adaedge.runtime.backends.tensorrt import EngineCache, engine_key
 from adaedge.verify import verify
 
 from .test_tada import tiny_tada
@@ -111,9 +111,14 @@ def test_tensorrt_code_type_checks_against_tensorrt_stubs(tmp_path):
                      "    c.execute_async_v9(0)\n")
     caught = [line for line in run_mypy([str(probe)], stubs, tmp_path) if "probe.py" in line]
     assert any("execute_async_v9" in line for line in caught), caught
-    files = ["adaedge/runtime/tensorrt.py", "adaedge/runtime/cuda.py"]
-    ours = [line for line in run_mypy(files, stubs, ROOT) if line.startswith("adaedge/")]
-    assert ours == []
+    files = ["adaedge/runtime/backends/tensorrt/__init__.py",
+             "adaedge/runtime/backends/tensorrt/cache.py",
+             "adaedge/runtime/backends/tensorrt/cuda.py"]
+    assert all((ROOT / f).is_file() for f in files)
+    out = run_mypy(files, stubs, ROOT)
+    ours = [line for line in out if line.startswith("adaedge/")]
+    assert ours == [], ours
+    assert any(f"checked {len(files)} source files" in line for line in out), out[-3:]
 
 
 # ---------------------------------------------------------------------------------------------

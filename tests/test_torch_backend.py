@@ -9,6 +9,8 @@ Runtime the same bound.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -17,12 +19,14 @@ from onnx import helper
 
 from adaedge import models
 from adaedge.bundle import BundleError
+from adaedge.bundle import load as load_bundle
 from adaedge.cli import main
 from adaedge.export import export
 from adaedge.runtime import BackendUnavailable, Stream, load
 from adaedge.runtime.arrays import NUMPY, runs
-from adaedge.runtime.onnx_torch import OnnxModule, UnsupportedPiece
-from adaedge.runtime.torch_backend import TorchArrays
+from adaedge.runtime.backends.pytorch.translate import OnnxModule, UnsupportedPiece
+from adaedge.runtime.backends.pytorch import TorchArrays
+from adaedge.verify import relative_error as close
 from adaedge.verify import verify
 
 from .conftest import tiny_model, varied_clips
@@ -33,10 +37,6 @@ from .test_tada import tiny_tada
 
 RTOL = 1e-4
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def close(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 FAMILIES = {
@@ -140,8 +140,12 @@ def test_cli_build_and_bench_on_torch_cpu(tiny_bundle, capsys):
     assert main(["build", str(tiny_bundle), "--backend", "torch-cpu", "--quiet"]) == 0
     assert main(["bench", str(tiny_bundle), "--backend", "torch-cpu", "--reps", "1",
                  "--warmup", "0", "--json"]) == 0
-    out = capsys.readouterr().out
-    assert '"backend": "torch-cpu"' in out
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["meta"]["backend"] == "torch-cpu"
+    by = {c["name"]: c for c in report["configs"]}
+    m = load_bundle(tiny_bundle).manifest
+    assert by["static"]["gflops"] == pytest.approx(m.policy_flops("static") / 1e9, abs=1e-4)
+    assert by["free"]["decisions"] == len(m.switches())      # one decision per gate per clip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,21 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..bundle import CRITERIA, budget_key, write_manifest
 from ..bundle import load as load_bundle
+from ..errors import CalibrationError, InputError
+from ..progress import Progress
 from ..runtime import load as load_runtime
-from ..runtime.program import InputError, Runtime, exit_measure
+from ..runtime.interpreter import Runtime, exit_measure
 
-Progress = Optional[Callable[[int, int, str], None]]
 NEVER = {"entropy": -1.0, "max_prob": 2.0}   # thresholds no clip meets
-
-
-class CalibrationError(ValueError):
-    """Calibration that cannot be done as asked (budget out of reach, data that does not fit)."""
 
 
 @dataclass
@@ -70,7 +67,7 @@ def stage_outputs(runtime: Runtime, clips: np.ndarray, batch: int = 64,
 
     Stage k < S-1 is stopping at the k-th exit step; the last is running the whole program.
     """
-    names: List[Optional[str]] = [*(s["name"] for s in runtime.manifest.exits()), None]
+    names: List[Optional[str]] = [*(s.name for s in runtime.manifest.exits()), None]
     if len(names) < 2:
         raise CalibrationError("this bundle has no exit steps to calibrate")
     scores: List[np.ndarray] = []
@@ -179,7 +176,7 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
     y = np.asarray(labels, dtype=np.int64)
     scores, costs = stage_outputs(runtime, x, batch, progress)
     correct = scores.argmax(axis=2) == y[None, :]
-    names = [s["name"] for s in runtime.manifest.exits()]
+    names = [s.name for s in runtime.manifest.exits()]
     report = Report(criterion, len(y), [*names, "all"], [c / 1e9 for c in costs],
                     [float(c.mean()) for c in correct])
     for budget in budgets:
@@ -192,15 +189,15 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
     if write:
         manifest = b.manifest
         for step in manifest.exits():
-            if step.get("criterion") != criterion:
-                step["criterion"] = criterion
-                step["thresholds"] = {}
-            thresholds = dict(step.get("thresholds") or {})
+            if step.criterion != criterion:
+                step.criterion = criterion
+                step.thresholds = {}
+            thresholds = dict(step.thresholds)
             for sol in report.solutions:
-                thresholds[budget_key(sol.budget)] = sol.thresholds[step["name"]]
+                thresholds[budget_key(sol.budget)] = sol.thresholds[step.name]
                 if default is not None and abs(sol.budget - default) <= 1e-12:
-                    thresholds["default"] = sol.thresholds[step["name"]]
-            step["thresholds"] = thresholds
+                    thresholds["default"] = sol.thresholds[step.name]
+            step.thresholds = thresholds
         write_manifest(b.root, manifest)
     return report
 
@@ -252,8 +249,11 @@ def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
         _, t, h, w = runtime.manifest.clip_shape
         if h != w:
             raise CalibrationError("the procedural data set has square clips only")
-        ds = MotionDataset(split, frames=t, size=h)
-        clips, labels = ds.arrays(0, min(count, len(ds)) if count else 0)
+        try:
+            ds = MotionDataset(split, frames=t, size=h)
+            clips, labels = ds.arrays(0, min(count, len(ds)) if count else 0)
+        except ValueError as e:
+            raise CalibrationError(f"bad data spec {spec!r}: {e}") from None
         mean = np.asarray(runtime.manifest.input["mean"], np.float32).reshape(1, -1, 1, 1, 1)
         std = np.asarray(runtime.manifest.input["std"], np.float32).reshape(1, -1, 1, 1, 1)
         return (clips - mean) / std, labels

@@ -3,6 +3,9 @@
 >>> from adaedge import models, export
 >>> model = models.create("vared_r2plus1d_18", num_classes=5, width_mult=0.125)
 >>> export.export(model, "bundle/", frames=4, size=32)   # doctest: +SKIP
+
+:func:`export` finds the model's family in the registry (:mod:`adaedge.models`), calls its exporter
+(which returns :class:`~.parts.Parts`: pieces and a program), and writes the bundle.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -19,42 +22,13 @@ import onnx
 from .. import __version__
 from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
                       write_manifest)
-from ..models import family, model_config, model_name
+from ..errors import ExportError
+from ..models import family_of, model_config, model_name
+from ..models.registry import KINETICS_MEAN, KINETICS_STD
+from ..progress import Progress
 from .flops import count_flops
 from .graph import value_dtype, value_shape
-
-# Kinetics statistics, the usual normalisation of video backbones (torchvision's video models).
-KINETICS_MEAN = [0.43216, 0.394666, 0.37645]
-KINETICS_STD = [0.22803, 0.22145, 0.216989]
-
-Progress = Optional[Callable[[int, int, str], None]]
-EXECUTIONS = {"vared": ("dynamic", "masked"), "tada": ("calibrated", "official", "uncalibrated"),
-              "adafocus": ("stages",), "adafuse": ("dense", "gathered", "plain")}
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (bad destination, unknown family, bad sizes)."""
-
-
-def _family_pieces(fam: str, model: Any, frames: int, size: int, execution: Optional[str],
-                   progress: Progress, options: Mapping[str, Any]) -> Any:
-    if fam == "vared":
-        from .vared import export_vared
-        if options:
-            raise ExportError(f"VA-RED² export takes no options ({', '.join(options)})")
-        return export_vared(model, frames, size, execution or "dynamic", progress)
-    if fam == "adafocus":
-        from .adafocus import export_adafocus
-        if options:
-            raise ExportError(f"AdaFocusV3 export takes no options ({', '.join(options)})")
-        return export_adafocus(model, frames, size, execution, progress)
-    if fam == "tada":
-        from .tada import export_tada
-        return export_tada(model, frames, size, execution, progress, **options)
-    if fam == "adafuse":
-        from .adafuse import export_adafuse
-        return export_adafuse(model, frames, size, execution, progress, **options)
-    raise ExportError(f"no exporter for model family {fam!r}")
+from .parts import Parts
 
 
 def _prepare_destination(out: Path, overwrite: bool) -> None:
@@ -70,6 +44,33 @@ def _prepare_destination(out: Path, overwrite: bool) -> None:
                                   "(--overwrite) to replace it")
 
 
+def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str, Any]) -> Manifest:
+    """Write the pieces, constants and manifest of ``parts`` into the folder ``root``."""
+    (root / "graphs").mkdir()
+    specs: Dict[str, Piece] = {}
+    for pname, proto in parts.pieces.items():
+        rel = f"graphs/{pname}.onnx"
+        path = root / rel
+        onnx.save(proto, str(path))
+        specs[pname] = Piece(
+            name=pname, file=rel, sha256=sha256_file(path), flops=count_flops(proto),
+            inputs=[TensorSpec(v.name, value_shape(v), value_dtype(v)) for v in proto.graph.input],
+            outputs=[TensorSpec(v.name, value_shape(v), value_dtype(v))
+                     for v in proto.graph.output])
+    constants = None
+    if parts.constants:
+        arrays = {k: np.ascontiguousarray(v) for k, v in parts.constants.items()}
+        np.savez(root / "graphs" / "constants.npz", **arrays)  # type: ignore[arg-type]
+        constants = Constants("graphs/constants.npz", sha256_file(root / "graphs" / "constants.npz"),
+                              [TensorSpec(k, list(v.shape), str(v.dtype)) for k, v in arrays.items()])
+    manifest = Manifest(model=model, input=input_spec, output=parts.output, pieces=specs,
+                        program=list(parts.program.steps), policies=parts.policies,
+                        state=list(parts.state), constants=constants, stream=parts.stream,
+                        adaedge_version=__version__)
+    write_manifest(root, manifest)
+    return manifest
+
+
 def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = None,
            size: Optional[int] = None, *, execution: Optional[str] = None,
            labels: Optional[Sequence[str]] = None, mean: Sequence[float] = KINETICS_MEAN,
@@ -79,14 +80,14 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     """Write ``model`` as a bundle at ``out``; returns the manifest.
 
     ``frames`` and ``size`` fix the static input (default: the model's config). ``execution``
-    picks the family's form (VA-RED²: ``dynamic`` or ``masked``; TAda2D: ``calibrated``,
-    ``official`` or ``uncalibrated``; default: the first), ``options`` the family's other
-    choices (TAda2D: ``routing``). The bundle is built
-    in a temporary folder beside ``out`` and moved into place only when complete, so a failed
-    export leaves nothing half-written, and an existing bundle is replaced only with ``overwrite``.
+    picks the family's form and ``options`` its other choices (``adaedge models`` and the
+    family's registry entry list them; default: the family's first execution). The bundle is
+    built in a temporary folder beside ``out`` and moved into place only when complete, so a
+    failed export leaves nothing half-written, and an existing bundle is replaced only with
+    ``overwrite``.
     """
     name = model_name(model)
-    fam = family(name)
+    fam = family_of(name)
     frames = int(frames or getattr(model, "frames"))
     size = int(size or getattr(model, "size"))
     if frames < 1 or size < 8:
@@ -97,51 +98,27 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     out = Path(out)
     _prepare_destination(out, overwrite)
     try:
-        parts = _family_pieces(fam, model, frames, size, execution, progress,
-                               dict(options or {}))
-    except (ValueError, TypeError) as e:
+        execution = fam.check_execution(execution)
+        chosen = fam.check_options(dict(options or {}))
+        parts: Parts = fam.export_function()(model, frames, size, execution, progress, **chosen)
+    except (ValueError, TypeError) as e:     # the family's own refusals, and bad options
         if isinstance(e, ExportError):
             raise
         raise ExportError(str(e)) from None
-    pieces, program, policies, output = parts[:4]
-    extras: Dict[str, Any] = parts[4] if len(parts) > 4 else {}
-    stream = extras.get("stream")
-    execution = execution or next(iter(EXECUTIONS[fam]))
+    info = {"name": name, "family": fam.name, "config": model_config(model),
+            "execution": execution, "options": chosen,
+            "weights": weights or {"source": "unknown"}}
+    if fam.branch_titles:
+        info["branch_titles"] = dict(fam.branch_titles)
+    input_spec = {"name": "clip", "layout": "NCTHW", "channels": 3,
+                  "frames": 1 if parts.stream else frames, "size": [size, size],
+                  "dtype": "float32", "mean": [float(m) for m in mean],
+                  "std": [float(s) for s in std],
+                  "labels": list(labels) if labels is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / "graphs").mkdir()
-        specs: Dict[str, Piece] = {}
-        for pname, proto in pieces.items():
-            rel = f"graphs/{pname}.onnx"
-            path = tmp / rel
-            onnx.save(proto, str(path))
-            specs[pname] = Piece(
-                name=pname, file=rel, sha256=sha256_file(path), flops=count_flops(proto),
-                inputs=[TensorSpec(v.name, value_shape(v), value_dtype(v)) for v in proto.graph.input],
-                outputs=[TensorSpec(v.name, value_shape(v), value_dtype(v))
-                         for v in proto.graph.output])
-        constants = None
-        if extras.get("constants"):
-            arrays = {k: np.ascontiguousarray(v) for k, v in extras["constants"].items()}
-            np.savez(tmp / "graphs" / "constants.npz", **arrays)  # type: ignore[arg-type]
-            constants = Constants("graphs/constants.npz",
-                                  sha256_file(tmp / "graphs" / "constants.npz"),
-                                  [TensorSpec(k, list(v.shape), str(v.dtype))
-                                   for k, v in arrays.items()])
-        manifest = Manifest(
-            model={"name": name, "family": fam, "config": model_config(model),
-                   "execution": execution, "options": dict(options or {}),
-                   "weights": weights or {"source": "unknown"}},
-            input={"name": "clip", "layout": "NCTHW", "channels": 3,
-                   "frames": 1 if stream else frames,
-                   "size": [size, size], "dtype": "float32", "mean": [float(m) for m in mean],
-                   "std": [float(s) for s in std],
-                   "labels": list(labels) if labels is not None else None},
-            output=output, pieces=specs, program=program, policies=policies,
-            state=list(extras.get("state", [])), constants=constants, stream=stream,
-            adaedge_version=__version__)
-        write_manifest(tmp, manifest)
+        manifest = _write(parts, tmp, info, input_spec)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -151,5 +128,4 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     return manifest
 
 
-__all__ = ["export", "ExportError", "count_flops", "KINETICS_MEAN", "KINETICS_STD"]
-
+__all__ = ["export", "ExportError", "Parts", "count_flops", "KINETICS_MEAN", "KINETICS_STD"]

@@ -12,17 +12,17 @@ writes a threshold set per compute budget.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import onnx
 from torch import nn
 
 from ..models.adafocus_v3 import AdaFocusV3, BasicBlock, ConvBNReLU, InvertedResidual, ResNet
+from ..progress import Progress
 from .graph import Graph, bn_affine, conv2d_bn
 from .graph import to_numpy as _np
-
-Progress = Optional[Callable[[int, int, str], None]]
+from .parts import Parts
 CRITERION = "entropy"
 
 
@@ -196,9 +196,9 @@ def cube_graph(model: AdaFocusV3, k: int) -> onnx.ModelProto:
 
 
 def export_adafocus(model: AdaFocusV3, frames: int, size: int, execution: Optional[str] = None,
-                    progress: Progress = None
-                    ) -> Tuple[Dict[str, onnx.ModelProto], List[dict], Dict[str, Dict[str, int]], str]:
-    """The exit stages of an AdaFocusV3 network and the program that runs them."""
+                    progress: Progress = None) -> Parts:
+    """The exit stages of an AdaFocusV3 network (the glance, then one piece per cube, an exit
+    after every stage but the last) and the program that runs them."""
     if execution not in (None, "stages"):
         raise ValueError(f"execution must be 'stages' for AdaFocusV3, not {execution!r}")
     if (frames, size) != (model.frames, model.size):
@@ -209,25 +209,20 @@ def export_adafocus(model: AdaFocusV3, frames: int, size: int, execution: Option
     total = model.num_cubes + 1
     if progress:
         progress(0, total, "glance")
-    pieces = {"glance": glance_graph(model)}
-    program: List[dict] = [
-        {"op": "run", "name": "glance", "piece": "glance", "inputs": {"clip": "clip"},
-         "outputs": {"g": "g", "centres": "centres", "state": "state0", "logits": "logits0"}},
-        {"op": "exit", "name": "exit0", "scores": "logits0", "criterion": CRITERION,
-         "thresholds": {}}]
+    parts = Parts(output="logits")
+    program = parts.program
+    program.run(parts.add("glance", glance_graph(model)), {"clip": "clip"},
+                {"g": "g", "centres": "centres", "state": "state0", "logits": "logits0"})
+    program.exit("exit0", "logits0", CRITERION)
     for k in range(1, model.num_cubes + 1):
         if progress:
             progress(k, total, f"cube{k}")
-        pieces[f"cube{k}"] = cube_graph(model, k)
         last = k == model.num_cubes
-        program.append({"op": "run", "name": f"cube{k}", "piece": f"cube{k}",
-                        "inputs": {"clip": "clip", "g": "g", "centres": "centres",
-                                   "prev_state": f"state{k - 1}"},
-                        "outputs": {"state": f"state{k}",
-                                    "logits": "logits" if last else f"logits{k}"}})
+        program.run(parts.add(f"cube{k}", cube_graph(model, k)),
+                    {"clip": "clip", "g": "g", "centres": "centres", "prev_state": f"state{k - 1}"},
+                    {"state": f"state{k}", "logits": "logits" if last else f"logits{k}"})
         if not last:
-            program.append({"op": "exit", "name": f"exit{k}", "scores": f"logits{k}",
-                            "criterion": CRITERION, "thresholds": {}})
+            program.exit(f"exit{k}", f"logits{k}", CRITERION)
     if progress:
         progress(total, total, "done")
-    return pieces, program, {}, "logits"
+    return parts

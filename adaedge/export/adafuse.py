@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
 
-from ..bundle import TensorSpec
+from ..bundle import NTCHW, Branch, TensorSpec
 from ..models.adafuse import KEEP, REUSE, SKIP, AdaBlock, AdaFuse
+from ..progress import Progress
 from .graph import Graph, bn_affine, conv2d_bn, folded_conv
 from .graph import to_numpy as _np
+from .parts import Parts
 
-Progress = Optional[Callable[[int, int, str], None]]
 EXECUTIONS = ("dense", "gathered", "plain")
-NTCHW = "NTCHW"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,40 +431,24 @@ def consensus_graph(classes: int, window: int) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------
 # the program
 
-@dataclass
-class Export:
-    pieces: Dict[str, onnx.ModelProto] = field(default_factory=dict)
-    program: List[Dict[str, Any]] = field(default_factory=list)
-    state: List[TensorSpec] = field(default_factory=list)
-    constants: Dict[str, np.ndarray] = field(default_factory=dict)
-    policies: Dict[str, Dict[str, int]] = field(default_factory=dict)
+def declare_carries(parts: Parts, frames: StreamFrames, prefix: str,
+                    outputs: Dict[str, str]) -> None:
+    """Declare a piece's state inputs, and name the next-frame outputs it carries into them."""
+    for out, state in frames.carried.items():
+        parts.state.append(TensorSpec(f"{prefix}.{state}", ["N", *frames.specs[state]], "float32"))
+        outputs[out] = f"{prefix}.{out}"
 
-    def run(self, piece: str, inputs: Dict[str, str], outputs: Dict[str, str],
-            name: Optional[str] = None, layouts: Optional[Dict[str, str]] = None) -> None:
-        step: Dict[str, Any] = {"op": "run", "name": name or piece, "piece": piece,
-                                "inputs": inputs, "outputs": outputs}
-        if layouts:
-            step["layouts"] = layouts
-        self.program.append(step)
 
-    def carry(self, frames: StreamFrames, prefix: str, outputs: Dict[str, str]) -> None:
-        """Declare the piece's state inputs and carry its next-frame outputs into them."""
-        for out, state in frames.carried.items():
-            self.state.append(TensorSpec(f"{prefix}.{state}", ["N", *frames.specs[state]],
-                                         "float32"))
-            outputs[out] = f"{prefix}.{out}"
-
-    def carries(self, frames: StreamFrames, prefix: str) -> None:
-        for out, state in frames.carried.items():
-            self.program.append({"op": "carry", "name": f"{prefix}.carry.{state}",
-                                 "value": f"{prefix}.{out}", "state": f"{prefix}.{state}"})
+def carry_steps(parts: Parts, frames: StreamFrames, prefix: str) -> None:
+    for out, state in frames.carried.items():
+        parts.program.carry(f"{prefix}.carry.{state}", f"{prefix}.{out}", f"{prefix}.{state}")
 
 
 def export_adafuse(model: AdaFuse, frames: int, size: int, execution: Optional[str] = None,
                    progress: Progress = None, stream: Optional[bool] = None,
-                   buckets: int = 8) -> Tuple[Dict[str, onnx.ModelProto], List[dict],
-                                              Dict[str, Dict[str, int]], str, Dict[str, Any]]:
-    """The pieces, program, policies, output value and extras (state, constants, stream)."""
+                   buckets: int = 8) -> Parts:
+    """The pieces, program and policies of an AdaFuse network (a stream: with its state,
+    constants and window)."""
     execution = execution or "dense"
     if execution not in EXECUTIONS:
         raise ValueError(f"AdaFuse execution must be one of {', '.join(EXECUTIONS)}, "
@@ -483,22 +467,23 @@ def export_adafuse(model: AdaFuse, frames: int, size: int, execution: Optional[s
     model = model.eval()
     shapes = block_shapes(model, size)
     blocks = model.base_model.blocks
-    ex = Export()
+    parts = Parts(output="logits")
+    program = parts.program
     total = len(blocks) + 2
     clip_frames = None if stream else frames
 
     def layouts(value: str) -> Dict[str, str]:
         return {} if stream else {value: NTCHW}
 
-    ex.pieces["stem"] = stem_graph(model, size, clip_frames)
-    ex.run("stem", {"clip": "clip"}, {"features": "stem"}, layouts=layouts("stem"))
+    program.run(parts.add("stem", stem_graph(model, size, clip_frames)), {"clip": "clip"},
+                {"features": "stem"}, layouts=layouts("stem"))
     x = "stem"
     for i, (block, s) in enumerate(zip(blocks, shapes)):
         name = _block_name(model, i)
         if progress:
             progress(i + 1, total, name)
         if execution == "gathered" and block.policy_net is not None:
-            x = _gathered_block(ex, block, s, name, x, buckets)
+            x = _gathered_block(parts, block, s, name, x, buckets)
             continue
         fr: Frames = StreamFrames() if stream else ClipFrames(frames)
         g = Graph(name)
@@ -515,34 +500,31 @@ def export_adafuse(model: AdaFuse, frames: int, size: int, execution: Optional[s
         if decisions is not None:
             g.output(decisions, "decisions", "int64")
             outputs["decisions"] = f"{name}.decisions"
-        ex.pieces[name] = g.model()
+        parts.add(name, g.model())
+        inputs = {"x": x}
         if isinstance(fr, StreamFrames):
-            ex.carry(fr, name, outputs)
-        ex.run(name, {"x": x}, outputs, layouts=layouts(name))
-        step_inputs = ex.program[-1]["inputs"]
+            declare_carries(parts, fr, name, outputs)
+            inputs.update({st: f"{name}.{st}" for st in fr.specs})
+        program.run(name, inputs, outputs, layouts=layouts(name))
         if isinstance(fr, StreamFrames):
-            step_inputs.update({st: f"{name}.{st}" for st in fr.specs})
-            ex.carries(fr, name)
+            carry_steps(parts, fr, name)
         x = name
     if progress:
         progress(total, total, "head")
-    ex.pieces["head"] = head_graph(model, shapes[-1], clip_frames)
+    head = parts.add("head", head_graph(model, shapes[-1], clip_frames))
     if not stream:
-        ex.run("head", {"features": x}, {"logits": "logits"})
-        return ex.pieces, ex.program, ex.policies, "logits", {}
-    ex.run("head", {"features": x}, {"frame_logits": "frame_logits"})
-    ex.pieces["consensus"] = consensus_graph(model.num_classes, frames)
-    ex.state += [TensorSpec("window", ["N", frames, model.num_classes], "float32"),
-                 TensorSpec("count", ["N", 1], "float32")]
-    ex.run("consensus", {"frame_logits": "frame_logits", "window_prev": "window",
-                         "count_prev": "count"},
-           {"logits": "logits", "window_next": "window_next", "count_next": "count_next"})
-    ex.program += [{"op": "carry", "name": "carry.window", "value": "window_next",
-                    "state": "window"},
-                   {"op": "carry", "name": "carry.count", "value": "count_next",
-                    "state": "count"}]
-    return ex.pieces, ex.program, ex.policies, "logits", {
-        "state": ex.state, "constants": ex.constants, "stream": {"window": frames}}
+        program.run(head, {"features": x}, {"logits": "logits"})
+        return parts
+    program.run(head, {"features": x}, {"frame_logits": "frame_logits"})
+    parts.state += [TensorSpec("window", ["N", frames, model.num_classes], "float32"),
+                    TensorSpec("count", ["N", 1], "float32")]
+    program.run(parts.add("consensus", consensus_graph(model.num_classes, frames)),
+                {"frame_logits": "frame_logits", "window_prev": "window", "count_prev": "count"},
+                {"logits": "logits", "window_next": "window_next", "count_next": "count_next"})
+    program.carry("carry.window", "window_next", "window")
+    program.carry("carry.count", "count_next", "count")
+    parts.stream = {"window": frames}
+    return parts
 
 
 def _block_name(model: AdaFuse, i: int) -> str:
@@ -555,63 +537,52 @@ def _block_name(model: AdaFuse, i: int) -> str:
     raise IndexError(i)
 
 
-def _gathered_block(ex: Export, block: AdaBlock, s: BlockShape, name: str, x: str,
+def _gathered_block(parts: Parts, block: AdaBlock, s: BlockShape, name: str, x: str,
                     buckets: int) -> str:
+    program = parts.program
     sizes = bucket_sizes(s.c1, buckets)
     gate, frames = gate_graph(block, s, buckets)
-    ex.pieces[f"{name}.gate"] = gate
+    parts.add(f"{name}.gate", gate)
     shifted = block.shift != "none"
     xs = f"{name}.xs" if shifted else x
     outputs = {o: f"{name}.{o}" for o in ["decisions"] + [f"{k}_{kind}" for k in LISTS
                                                           for kind in ("idx", "bucket")]}
     if shifted:
         outputs["xs"] = xs
-    ex.carry(frames, name, outputs)
-    ex.run(f"{name}.gate", {"x": x, **{st: f"{name}.{st}" for st in frames.specs}}, outputs)
+    declare_carries(parts, frames, name, outputs)
+    program.run(f"{name}.gate", {"x": x, **{st: f"{name}.{st}" for st in frames.specs}}, outputs)
     # state of the buffers: the shifted input and the first convolution's channels
-    ex.state += [TensorSpec(f"{name}.xs_prev", ["N", s.cin, s.h, s.w], "float32"),
-                 TensorSpec(f"{name}.y_prev", ["N", s.c1 + 1, s.h1, s.w1], "float32")]
-    weights = gathered_weights(block)
-    for k, v in weights.items():
-        ex.constants[f"{name}.{k}"] = v
+    parts.state += [TensorSpec(f"{name}.xs_prev", ["N", s.cin, s.h, s.w], "float32"),
+                    TensorSpec(f"{name}.y_prev", ["N", s.c1 + 1, s.h1, s.w1], "float32")]
+    for k, v in gathered_weights(block).items():
+        parts.constants[f"{name}.{k}"] = v
     k1, st1 = block.conv1.kernel_size[0], block.conv1.stride[0]
-    conv1: List[Dict[str, Any]] = [{"name": "0ch", "pass": {"y_out": "y"}}]
-    for b in sizes:
-        piece = f"{name}.conv1_{b}"
-        ex.pieces[piece] = gathered_conv1_graph(s, k1, st1, b)
-        conv1.append({"name": f"{b}ch", "piece": piece})
+    conv1 = [Branch("0ch", passes={"y_out": "y"})]
+    conv1 += [Branch(f"{b}ch", parts.add(f"{name}.conv1_{b}", gathered_conv1_graph(s, k1, st1, b)))
+              for b in sizes]
     w = {"W": f"{name}.W1", "B": f"{name}.B1"}
-    ex.program.append({"op": "switch", "name": f"{name}.late", "select": f"{name}.late_bucket",
-                       "branches": conv1, "inputs": {"x": f"{name}.xs_prev",
-                                                     "idx": f"{name}.late_idx",
-                                                     "y": f"{name}.y_prev", **w},
-                       "outputs": {"y_out": f"{name}.y_fixed"}})
-    ex.program.append({"op": "switch", "name": f"{name}.conv1", "select": f"{name}.keep_bucket",
-                       "branches": conv1[1:], "inputs": {"x": xs,
-                                                         "idx": f"{name}.keep_idx",
-                                                         "y": f"{name}.y_fixed", **w},
-                       "outputs": {"y_out": f"{name}.y"}})
-    conv2 = []
-    for b in sizes:
-        piece = f"{name}.conv2_{b}"
-        ex.pieces[piece] = gathered_conv2_graph(block, s, b)
-        conv2.append({"name": f"{b}ch", "piece": piece})
-    ex.program.append({"op": "switch", "name": f"{name}.conv2", "select": f"{name}.used_bucket",
-                       "branches": conv2, "inputs": {"y": f"{name}.y", "idx": f"{name}.used_idx",
-                                                     "W": f"{name}.W2", "B": f"{name}.B2"},
-                       "outputs": {"z": f"{name}.z"}})
-    ex.pieces[f"{name}.tail"] = tail_graph(block, s)
+    program.switch(f"{name}.late", conv1,
+                   {"x": f"{name}.xs_prev", "idx": f"{name}.late_idx", "y": f"{name}.y_prev", **w},
+                   {"y_out": f"{name}.y_fixed"}, select=f"{name}.late_bucket")
+    program.switch(f"{name}.conv1", conv1[1:],
+                   {"x": xs, "idx": f"{name}.keep_idx", "y": f"{name}.y_fixed", **w},
+                   {"y_out": f"{name}.y"}, select=f"{name}.keep_bucket")
+    conv2 = [Branch(f"{b}ch", parts.add(f"{name}.conv2_{b}", gathered_conv2_graph(block, s, b)))
+             for b in sizes]
+    program.switch(f"{name}.conv2", conv2,
+                   {"y": f"{name}.y", "idx": f"{name}.used_idx", "W": f"{name}.W2",
+                    "B": f"{name}.B2"},
+                   {"z": f"{name}.z"}, select=f"{name}.used_bucket")
+    parts.add(f"{name}.tail", tail_graph(block, s))
     tail_in = {"z": f"{name}.z", "x": x}
     if block.downsample0 is not None:
         tail_in["xs"] = xs
-    ex.run(f"{name}.tail", tail_in, {"out": name})
-    ex.carries(frames, name)
-    ex.program += [{"op": "carry", "name": f"{name}.carry.xs", "value": xs,
-                    "state": f"{name}.xs_prev"},
-                   {"op": "carry", "name": f"{name}.carry.y", "value": f"{name}.y",
-                    "state": f"{name}.y_prev"}]
-    ex.policies.setdefault("widest", {})
+    program.run(f"{name}.tail", tail_in, {"out": name})
+    carry_steps(parts, frames, name)
+    program.carry(f"{name}.carry.xs", xs, f"{name}.xs_prev")
+    program.carry(f"{name}.carry.y", f"{name}.y", f"{name}.y_prev")
+    widest = parts.policies.setdefault("widest", {})
     for sw, n in ((f"{name}.late", len(sizes)), (f"{name}.conv1", len(sizes) - 1),
                   (f"{name}.conv2", len(sizes) - 1)):
-        ex.policies["widest"][sw] = n
+        widest[sw] = n
     return name

@@ -12,7 +12,8 @@ from typing import Dict, List, Union
 
 import onnx
 
-from .graph import CUSTOM_DOMAIN, value_shape
+from ..bundle.vocabulary import CUSTOM_DOMAIN
+from .graph import value_shape
 
 
 def _prod(xs: List[int]) -> int:

@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
-CUSTOM_DOMAIN = "adaedge"   # custom ops, each with a standard-op function body
+from ..bundle.vocabulary import CUSTOM_DOMAIN, CUSTOM_OPSET, IR_VERSION, IR_VERSION_FUNCTIONS, OPSET
 
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
           "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL,
@@ -107,11 +106,11 @@ class Graph:
                                   self.initializers)
         opsets = [helper.make_opsetid("", OPSET)]
         if self.functions:
-            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="adaedge",
                                   functions=list(self.functions.values()))
         # IR 10 (ONNX 1.16) brings function overloads; graphs without functions stay at IR 8.
-        model.ir_version = 10 if self.functions else 8
+        model.ir_version = IR_VERSION_FUNCTIONS if self.functions else IR_VERSION
         if check:
             model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
             onnx.checker.check_model(model, full_check=True)

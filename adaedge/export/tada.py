@@ -30,21 +30,22 @@ average pool over the frames axis and per-channel affine maps.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from ..bundle.vocabulary import CUSTOM_DOMAIN, NTCHW, OPSET
 from ..models.tada2d import ResBlock, Stem, TAda2D
 from ..nn.tadaconv import TAdaConv2d
-from .graph import CUSTOM_DOMAIN, OPSET, Dim, Graph, bn_affine, conv2d_bn
+from ..progress import Progress
+from .graph import Dim, Graph, bn_affine, conv2d_bn
 from .graph import to_numpy as _np
+from .parts import Parts
 
-Progress = Optional[Callable[[int, int, str], None]]
 EXECUTIONS = ("calibrated", "official", "uncalibrated")
 ROUTINGS = ("fused", "separate")
-NTCHW = "NTCHW"
 
 
 def calibrated_conv_function(cal_dim: str) -> onnx.FunctionProto:
@@ -235,8 +236,7 @@ def head_graph(model: TAda2D, in_shape: Tuple[int, ...], batch: Dim) -> onnx.Mod
 
 
 def export_tada(model: TAda2D, frames: int, size: int, execution: Optional[str] = None,
-                progress: Progress = None, routing: str = "fused"
-                ) -> Tuple[Dict[str, onnx.ModelProto], List[dict], Dict[str, Dict[str, int]], str]:
+                progress: Progress = None, routing: str = "fused") -> Parts:
     """The pieces and program of a TAda2D network (no switches: one static path)."""
     execution = execution or "calibrated"
     if execution not in EXECUTIONS:
@@ -249,13 +249,12 @@ def export_tada(model: TAda2D, frames: int, size: int, execution: Optional[str] 
     batch: Dim = 1 if execution == "official" else "N"
     blocks = model.blocks()
     total = len(blocks) + 2
-    pieces: Dict[str, onnx.ModelProto] = {}
-    program: List[dict] = []
+    parts = Parts(output="logits")
+    pieces = parts.pieces
 
     def step(piece: str, inputs: Dict[str, str], outputs: Dict[str, str]) -> None:
-        program.append({"op": "run", "name": piece, "piece": piece, "inputs": inputs,
-                        "outputs": outputs, "layouts": {v: NTCHW for v in outputs.values()
-                                                        if v != "logits"}})
+        parts.program.run(piece, inputs, outputs,
+                          layouts={v: NTCHW for v in outputs.values() if v != "logits"})
 
     if progress:
         progress(0, total, "backbone.conv1")
@@ -321,7 +320,7 @@ def export_tada(model: TAda2D, frames: int, size: int, execution: Optional[str] 
     step("head", {"x": value}, {"logits": "logits"})
     if progress:
         progress(total, total, "done")
-    return pieces, program, {}, "logits"
+    return parts
 
 
 def calibrated_conv_graph(conv: TAdaConv2d, frames: int, height: int, width: int,

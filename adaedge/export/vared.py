@@ -16,18 +16,20 @@ slice the branch keeps, then the fills. It exists to measure how much the static
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import onnx
 import torch
 
+from ..bundle import Branch as ProgramBranch
+from ..bundle import Gate
 from ..models.vared_r2plus1d import DynamicUnit, Head, VaRedR2Plus1D
 from ..nn.vared import Branch
+from ..progress import Progress
 from .graph import Graph, bn_affine
 from .graph import to_numpy as _np
-
-Progress = Optional[Callable[[int, int, str], None]]
+from .parts import Parts
 
 
 @dataclass
@@ -234,46 +236,36 @@ def _tag(branch: Branch) -> str:
 
 
 def export_vared(model: VaRedR2Plus1D, frames: int, size: int, execution: str = "dynamic",
-                 progress: Progress = None) -> Tuple[Dict[str, onnx.ModelProto], List[dict],
-                                                     Dict[str, Dict[str, int]], str]:
-    """The pieces, the program and the forced policies of a VA-RED² R(2+1)D network.
-
-    Returns ``(pieces, program, policies, output_value)``; :func:`adaedge.export.export` writes them.
-    """
+                 progress: Progress = None) -> Parts:
+    """The pieces, the program and the forced policies of a VA-RED² R(2+1)D network: per unit
+    a switch whose gate piece picks one branch piece, then the head."""
     if execution not in ("dynamic", "masked"):
         raise ValueError(f"execution must be 'dynamic' or 'masked', not {execution!r}")
     model = model.eval()
     plans, head_in = plan_units(model, frames, size)
-    pieces: Dict[str, onnx.ModelProto] = {}
-    program: List[dict] = []
+    parts = Parts(output="logits")
     total = len(plans) + 1
     for i, plan in enumerate(plans):
         if progress:
             progress(i, total, plan.name)
         conv = plan.unit.conv
-        gate_name = f"{plan.name}.gate"
-        pieces[gate_name] = gate_graph(plan)
+        gate = parts.add(f"{plan.name}.gate", gate_graph(plan))
         inputs = {"x": plan.x}
         if plan.identity is not None:
             inputs["identity"] = plan.identity
-        branches = []
-        for b in conv.branches:
-            piece = f"{plan.name}.{_tag(b)}"
-            pieces[piece] = branch_graph(plan, b, execution)
-            branches.append({"name": b.name, "piece": piece})
-        program.append({"op": "switch", "name": plan.name,
-                        "gate": {"piece": gate_name, "inputs": {"x": plan.x},
-                                 "decision": "branch", "scores": "scores"},
-                        "branches": branches, "inputs": inputs, "outputs": {"y": plan.name}})
+        branches = [ProgramBranch(b.name, parts.add(f"{plan.name}.{_tag(b)}",
+                                                    branch_graph(plan, b, execution)))
+                    for b in conv.branches]
+        parts.program.switch(plan.name, branches, inputs, {"y": plan.name},
+                             gate=Gate(gate, {"x": plan.x}, "branch", "scores"))
     if progress:
         progress(total - 1, total, "head")
-    pieces["head"] = head_graph(model.head, head_in)
-    program.append({"op": "run", "name": "head", "piece": "head",
-                    "inputs": {"x": plans[-1].name}, "outputs": {"logits": "logits"}})
+    parts.program.run(parts.add("head", head_graph(model.head, head_in)),
+                      {"x": plans[-1].name}, {"logits": "logits"})
     s = model.search_space
     named = {"static": (0, 0), "all-half": (0, min(1, s - 1)), "all-stride2": (min(1, s - 1), 0),
              "cheapest": (s - 1, s - 1)}
-    policies = {pol: {p.name: t * s + c for p in plans} for pol, (t, c) in named.items()}
+    parts.policies = {pol: {p.name: t * s + c for p in plans} for pol, (t, c) in named.items()}
     if progress:
         progress(total, total, "done")
-    return pieces, program, policies, "logits"
+    return parts

@@ -1,64 +1,77 @@
-"""Model families built from :mod:`adaedge.nn`, a registry, and checkpoint loading.
+"""Model families built from :mod:`adaedge.nn`, their registry, and checkpoint loading.
 
 >>> model = create("vared_r2plus1d_18", num_classes=10, width_mult=0.25)
 >>> save_checkpoint(model, "ckpt.pt")                      # doctest: +SKIP
 >>> model = load_model("ckpt.pt")                          # doctest: +SKIP
+
+Each family is one :class:`~.registry.Family` entry, declared in its model file and listed once in
+:data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .adafocus_v3 import AdaFocusV3, adafocus_v3
-from .adafuse import AdaFuse, adafuse_tsm_r50, adafuse_tsn_r50, check_shared, config_from_state
-from .tada2d import TAda2D, config_from_official, tada2d
-from .vared_r2plus1d import VaRedR2Plus1D, vared_r2plus1d_18
+from ..errors import CheckpointError, ConfigError, UnknownName
+from . import adafocus_v3 as _adafocus_v3
+from . import adafuse as _adafuse
+from . import tada2d as _tada2d
+from . import vared_r2plus1d as _vared
+from .adafocus_v3 import AdaFocusV3
+from .adafuse import AdaFuse
+from .registry import KINETICS_MEAN, KINETICS_STD, ExportOption, Family
+from .tada2d import TAda2D
+from .vared_r2plus1d import VaRedR2Plus1D
 
-__all__ = ["create", "available", "register", "load_checkpoint", "save_checkpoint", "load_model",
-           "CheckpointError", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3", "AdaFuse", "model_name",
-           "model_config"]
+__all__ = ["create", "available", "families", "family", "family_of", "load_checkpoint",
+           "save_checkpoint", "load_model", "read_checkpoint", "load_state", "CheckpointError",
+           "Family", "ExportOption", "FAMILIES", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3",
+           "AdaFuse", "model_name", "model_config", "KINETICS_MEAN", "KINETICS_STD"]
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
-_FAMILY: Dict[str, str] = {}
+FAMILIES: Tuple[Family, ...] = (_vared.FAMILY, _tada2d.FAMILY, _adafocus_v3.FAMILY,
+                                _adafuse.FAMILY)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
-
-
-def register(name: str, builder: Callable[..., nn.Module], family: str) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = builder
-    _FAMILY[name] = family
+_MODELS: Dict[str, Family] = {}
+for _fam in FAMILIES:
+    for _name in _fam.builders:
+        if _name in _MODELS:
+            raise RuntimeError(f"model {_name!r} is registered twice")
+        _MODELS[_name] = _fam
 
 
 def available() -> List[str]:
-    return sorted(_REGISTRY)
+    return sorted(_MODELS)
+
+
+def families() -> Dict[str, Family]:
+    """The families by their manifest name ("vared", "tada", ...)."""
+    return {f.name: f for f in FAMILIES}
+
+
+def family_of(name: str) -> Family:
+    """The family of a registered model name."""
+    if name not in _MODELS:
+        raise UnknownName(f"unknown model {name!r}; available: {', '.join(available())}")
+    return _MODELS[name]
 
 
 def family(name: str) -> str:
-    _check_name(name)
-    return _FAMILY[name]
-
-
-def _check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+    """The family name (as manifests record it) of a registered model name."""
+    return family_of(name).name
 
 
 def create(name: str, **config: Any) -> nn.Module:
     """Build a registered model with keyword config; the name and config are kept on the model."""
-    _check_name(name)
+    builder = family_of(name).builders[name]
     try:
-        model = _REGISTRY[name](**config)
-    except TypeError as e:
-        raise TypeError(f"bad config for {name!r}: {e}") from None
+        model = builder(**config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad config for {name!r}: {e}") from None
     model.adaedge_name = name  # type: ignore[assignment]
     model.adaedge_config = _jsonable(dict(config))  # type: ignore[assignment]
     return model
@@ -131,6 +144,22 @@ def _listing(keys: Iterable[str], limit: int = 8) -> str:
     return ", ".join(ks[:limit]) + more
 
 
+def check_shared(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Names that share one tensor in ``model`` (AdaFuse's shared policy layers appear under
+    ``base_model.gate_fc0s.<key>`` and under every block's ``policy_net.gate_fc0``) must hold
+    equal tensors in ``state``: two copies that differ mean a corrupt or edited file."""
+    groups: Dict[int, List[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        for other in present[1:]:
+            if state[other].shape == state[present[0]].shape and \
+                    not torch.equal(state[other], state[present[0]]):
+                raise CheckpointError(f"checkpoint {source}: {present[0]} and {other} are one "
+                                      "shared tensor in the model but differ in the file")
+
+
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load a state dict strictly, naming missing, unexpected and mis-shaped keys on failure."""
     own = model.state_dict()
@@ -163,45 +192,37 @@ def load_checkpoint(model: nn.Module, path: "str | os.PathLike[str]") -> Dict[st
 
 def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
                **config: Any) -> nn.Module:
-    """Build the model a checkpoint was saved from (our format names it) and load its weights.
+    """Build the model a checkpoint was saved from and load its weights.
 
-    ``name`` and ``config`` override or supply what the checkpoint does not record.
+    adaedge's own files name their model and config; an official code's file is recognised by
+    its family's entry (``Family.official``), which reads the config from it. ``name`` and
+    ``config`` override or supply what the checkpoint does not record.
     """
+    source = os.fspath(path)
     state, meta = read_checkpoint(path)
     saved_name = meta.get("model")
     if name is not None and saved_name is not None and name != saved_name:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} is for model {saved_name!r}, "
-                              f"not {name!r}")
+        raise CheckpointError(f"checkpoint {source} is for model {saved_name!r}, not {name!r}")
+    if name is not None:
+        family_of(name)                      # an unknown name is refused before anything else
     official: Dict[str, Any] = {}
-    if saved_name is None and meta.get("official_cfg") and name in (None, "tada2d"):
-        try:
-            official = config_from_official(meta["official_cfg"])
-        except ValueError as e:
-            raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
-        saved_name = "tada2d"
-    if saved_name is None and "new_fc.weight" in state and "base_model.conv1.weight" in state:
-        if name not in ("adafuse_tsn_r50", "adafuse_tsm_r50"):
-            raise CheckpointError(
-                f"checkpoint {os.fspath(path)} looks like an official AdaFuse file, which does not "
-                "record whether the network shifts channels in time: name the model "
-                "(adafuse_tsn_r50 or adafuse_tsm_r50) and give frames")
-        try:
-            official = config_from_state(state)
-        except ValueError as e:
-            raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
+    if saved_name is None:
+        for fam in FAMILIES:
+            if fam.official is None:
+                continue
+            try:
+                found = fam.official(state, meta, name)
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {source}: {e}") from None
+            if found is not None:
+                saved_name, official = found
+                break
     name = name or saved_name
     if name is None:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not say which model it is for: "
+        raise CheckpointError(f"checkpoint {source} does not say which model it is for: "
                               "name the model")
     merged = dict(meta.get("config") or official)
     merged.update(config)
     model = create(name, **merged)
-    load_state(model, state, os.fspath(path))
+    load_state(model, state, source)
     return model
-
-
-register("vared_r2plus1d_18", vared_r2plus1d_18, family="vared")
-register("tada2d", tada2d, family="tada")
-register("adafocus_v3", adafocus_v3, family="adafocus")
-register("adafuse_tsn_r50", adafuse_tsn_r50, family="adafuse")
-register("adafuse_tsm_r50", adafuse_tsm_r50, family="adafuse")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..nn.focus import crop_cube
+from .registry import Family
 
 MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                 (6, 160, 3, 2), (6, 320, 1, 1))
@@ -318,4 +319,14 @@ def load_official_parts(model: AdaFocusV3, path: "str | os.PathLike[str]"
     return sorted(loaded), sorted(set(state) - set(loaded))
 
 
-__all__ = ["AdaFocusV3", "adafocus_v3", "load_official_parts", "crop_cube"]
+
+
+FAMILY = Family(
+    name="adafocus", title="AdaFocusV3",
+    builders={"adafocus_v3": adafocus_v3},
+    exporter="adaedge.export.adafocus:export_adafocus",
+    executions=(("stages", "the glance and one piece per cube, with an exit after each"),),
+    trainer="adaedge.training.adafocus:main",
+)
+
+__all__ = ["AdaFocusV3", "adafocus_v3", "load_official_parts", "crop_cube", "FAMILY"]

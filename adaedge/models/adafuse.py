@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import ExportOption, Family
+
 SKIP, REUSE, KEEP = 0, 1, 2
 ACTIONS = ("skip", "reuse", "keep")
 SHIFTS = ("none", "bidirectional", "online")
@@ -353,23 +355,6 @@ adafuse_tsn_r50 = _builder("none")
 adafuse_tsm_r50 = _builder("bidirectional")
 
 
-def check_shared(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Names that share one tensor in ``model`` (the official shared policy layers appear as
-    ``base_model.gate_fc0s.<key>`` and as every block's ``policy_net.gate_fc0``) must hold equal
-    tensors in ``state``: two copies that differ mean a corrupt or edited file."""
-    from . import CheckpointError
-    groups: Dict[int, List[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    for names in groups.values():
-        present = [n for n in names if n in state]
-        for other in present[1:]:
-            if state[other].shape == state[present[0]].shape and \
-                    not torch.equal(state[other], state[present[0]]):
-                raise CheckpointError(f"checkpoint {source}: {present[0]} and {other} are one "
-                                      "shared tensor in the model but differ in the file")
-
-
 def config_from_state(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """Guess depth, width, classes, gated stages and policy sizes of an official checkpoint from
     its tensors (the official file stores no config). Shift and frames are not in the weights."""
@@ -399,6 +384,44 @@ def config_from_state(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     return cfg
 
 
+def official_checkpoint(state: Mapping[str, Any], meta: Mapping[str, Any],
+                        name: Optional[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """An official AdaFuse file (``{"state_dict"}`` with TSN/TSM names): its config, read from
+    the tensors. The file does not record the temporal shift, so the model must be named."""
+    if "new_fc.weight" not in state or "base_model.conv1.weight" not in state:
+        return None
+    if name not in ("adafuse_tsn_r50", "adafuse_tsm_r50"):
+        raise ValueError("this looks like an official AdaFuse file, which does not record whether "
+                         "the network shifts channels in time: name the model (adafuse_tsn_r50 or "
+                         "adafuse_tsm_r50) and give frames")
+    return name, config_from_state(state)
+
+
+def _yes_no(text: str) -> bool:
+    if text not in ("yes", "no"):
+        raise ValueError(text)
+    return text == "yes"
+
+
+FAMILY = Family(
+    name="adafuse", title="AdaFuse",
+    builders={"adafuse_tsn_r50": adafuse_tsn_r50, "adafuse_tsm_r50": adafuse_tsm_r50},
+    exporter="adaedge.export.adafuse:export_adafuse",
+    executions=(("dense", "every channel computed, then combined by the policy's decisions"),
+                ("gathered", "only the channels the policy needs: bucketed static pieces"),
+                ("plain", "no policy: the benchmarks' baseline, not the model's function")),
+    options=(ExportOption("stream", "yes: a per-frame program carrying state (default where the "
+                                    "network allows: not with a bidirectional temporal shift); "
+                                    "no: whole clips", _yes_no),
+             ExportOption("buckets", "channel-count buckets per convolution of the gathered "
+                                     "form (default 8)", int)),
+    official=official_checkpoint,
+    checkpoint_help="official AdaFuse checkpoints ({'state_dict'} with DataParallel's 'module.'); "
+                    "name the model and give frames",
+    branch_titles={"0ch": "no channels"},
+)
+
 __all__ = ["AdaFuse", "AdaBlock", "PolicyBlock", "adafuse_tsn_r50", "adafuse_tsm_r50",
-           "temporal_shift", "previous_frame", "check_shared", "config_from_state",
+           "temporal_shift", "previous_frame", "config_from_state", "official_checkpoint",
+           "FAMILY",
            "SKIP", "REUSE", "KEEP", "ACTIONS", "SHIFTS"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..nn.tadaconv import CAL_DIMS, RouteFuncMLP, TAdaConv2d
+from .registry import ExportOption, Family
 
 # Blocks per stage; TAda2D always uses bottleneck blocks (the official code builds it from depth 50).
 STAGE_BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -294,4 +295,28 @@ def config_from_official(cfg: "str | Mapping[str, Any]") -> Dict[str, Any]:
             "dropout": float(head.get("DROPOUT_RATE", 0.0))}
 
 
-__all__ = ["TAda2D", "tada2d", "config_from_official", "STAGE_BLOCKS"]
+def official_checkpoint(state: Mapping[str, Any], meta: Mapping[str, Any],
+                        name: Optional[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """An official TAdaConv file (``{"model_state", "cfg"}``): its config, read from ``cfg``."""
+    if not meta.get("official_cfg") or name not in (None, "tada2d"):
+        return None
+    return "tada2d", config_from_official(meta["official_cfg"])
+
+
+FAMILY = Family(
+    name="tada", title="TAda2D",
+    builders={"tada2d": tada2d},
+    exporter="adaedge.export.tada:export_tada",
+    executions=(("calibrated", "the factorised calibrated convolution (CalibratedConv nodes)"),
+                ("official", "the official code's per-clip weights and grouped convolution, "
+                             "batch 1; for comparison"),
+                ("uncalibrated", "alpha fixed at 1, no routing function: a benchmark's lower "
+                                 "bound, not the model's function")),
+    options=(ExportOption("routing", "the routing function inside each block's piece (fused, "
+                                     "default) or a piece of its own", choices=("fused", "separate")),),
+    official=official_checkpoint,
+    checkpoint_help="official TAdaConv checkpoints ({'model_state', 'cfg'})",
+)
+
+__all__ = ["TAda2D", "tada2d", "config_from_official", "official_checkpoint", "STAGE_BLOCKS",
+           "FAMILY"]

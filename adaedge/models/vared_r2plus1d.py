@@ -11,12 +11,13 @@ channel branch computes a whole number of filters (the stem's 45 filters become 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
 
 from ..nn.vared import DynamicConv3d, Triple, efficiency_loss
+from .registry import Family
 
 
 def _round_channels(c: float, step: int) -> int:
@@ -186,3 +187,25 @@ def vared_r2plus1d_18(**config: object) -> VaRedR2Plus1D:
     """VA-RED² R(2+1)D-18. Keyword config: num_classes, frames, size, widths, stem_width,
     width_mult, layers, search_space, gate_full_bias, dropout."""
     return VaRedR2Plus1D(**config)  # type: ignore[arg-type]
+
+
+def reference_branches(model: nn.Module, switch: str) -> Optional[List[int]]:
+    """The branch each clip took at a switch in the reference's last forward (the exporter names
+    a switch after its unit; the unit's ``conv`` records the choice)."""
+    unit = dict(model.named_modules()).get(switch + ".conv")
+    last: Any = getattr(unit, "last_branch", None)
+    return None if last is None else [int(i) for i in last.tolist()]
+
+
+FAMILY = Family(
+    name="vared", title="VA-RED²",
+    builders={"vared_r2plus1d_18": vared_r2plus1d_18},
+    exporter="adaedge.export.vared:export_vared",
+    executions=(("dynamic", "static pieces per branch"),
+                ("masked", "every filter and frame computed, then the branch's part kept, as the "
+                           "papers' code does; for comparison")),
+    decisions=reference_branches,
+    branch_titles={"R1-r1": "all filters, every frame", "R1-r1/2": "half the filters",
+                   "R2-r1": "every other frame", "R2-r1/2": "half the filters, every other frame"},
+    trainer="adaedge.training.vared:main",
+)

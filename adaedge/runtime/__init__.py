@@ -5,13 +5,17 @@
 >>> result = runtime.classify(clips)                     # doctest: +SKIP
 >>> result.scores, result.traces[0].branches             # doctest: +SKIP
 
-This package never imports torch.
+This package imports the bundle format, NumPy and each backend's own library (lazily, when the
+backend is created); torch only inside the PyTorch backend.
 """
 
-from ..bundle import Bundle, BundleError
-from .backends import Backend, BackendUnavailable, Executable, available_backends, create_backend
-from .program import InputError, Result, Runtime, Stream, Trace, build, exit_measure, load
+from ..bundle import Bundle
+from ..errors import BackendUnavailable, BundleError, InputError
+from .backends import (Backend, BackendOption, Executable, available_backends, backend_class,
+                       backend_options, create_backend)
+from .interpreter import Result, Runtime, Stream, Trace, build, exit_measure, load
 
 __all__ = ["load", "build", "Runtime", "Stream", "Result", "Trace", "InputError", "Bundle",
-           "BundleError", "Backend", "BackendUnavailable", "Executable", "available_backends",
-           "create_backend", "exit_measure"]
+           "BundleError", "Backend", "BackendOption", "BackendUnavailable", "Executable",
+           "available_backends", "backend_class", "backend_options", "create_backend",
+           "exit_measure"]

@@ -20,9 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..export.graph import CUSTOM_DOMAIN
-
-PLUGIN_OPS = ("CheapFill", "CalibratedConv")
+from ..bundle import CUSTOM_DOMAIN, PLUGIN_OPS
 
 
 def custom_ops(model: onnx.ModelProto) -> Set[str]:
@@ -107,3 +105,6 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(nodes)
     del g.value_info[:]
     return onnx.shape_inference.infer_shapes(out)
+
+
+__all__ = ["PLUGIN_OPS", "custom_ops", "map_custom_ops", "has_qdq", "to_float16"]

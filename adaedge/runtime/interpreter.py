@@ -3,6 +3,10 @@
 No torch here: values are the backend's arrays with the batch first (NumPy for the CPU backends,
 device tensors for the GPU ones, see :mod:`.arrays`), and every piece runs through a backend. Only
 gate decisions and scores come to the host.
+
+:meth:`Runtime.classify` checks its arguments and hands one batch to a :class:`_Call`, which
+interprets the program with one method per step kind (:meth:`_Call.run`, :meth:`_Call.switch`,
+:meth:`_Call.exit`, :meth:`_Call.carry`); a stream bundle's clips go through it frame by frame.
 """
 
 from __future__ import annotations
@@ -14,16 +18,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError, Manifest, budget_key
-from .arrays import NUMPY, ArrayOps
+from ..bundle import Bundle, Carry, Exit, Manifest, Run, Switch, budget_key
+from ..bundle import load as load_bundle
+from ..bundle.program import Branch, Step
+from ..errors import BundleError, InputError
+from ..progress import Progress
+from .arrays import ArrayOps
 from .backends import Backend, Executable, create_backend
 
 Force = Union[None, str, int, Mapping[str, int]]
-Progress = Optional[Callable[[int, int, str], None]]
-
-
-class InputError(ValueError):
-    """Clips (or options) that do not fit the bundle."""
 
 
 @dataclass
@@ -100,29 +103,23 @@ class Runtime:
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.backend = backend
-        self.ops: ArrayOps = getattr(backend, "arrays", NUMPY)
+        self.ops: ArrayOps = backend.arrays
         # a device backend runs pieces asynchronously: a step's time is its launch, unless every
         # step waits for the device (per-piece timings, slower overall)
-        self._sync: Optional[Callable[[], None]] = getattr(backend, "synchronize", None) \
-            if sync_steps else None
-        used: List[str] = []
-        for step in self.manifest.program:
-            if step["op"] == "run":
-                used.append(step["piece"])
-            elif step["op"] == "switch":
-                if "gate" in step:
-                    used.append(step["gate"]["piece"])
-                used.extend(b["piece"] for b in step["branches"] if "piece" in b)
+        self._sync: Optional[Callable[[], None]] = backend.synchronize if sync_steps else None
+        used = self.manifest.used_pieces()
         self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
                                           for k, v in bundle.constants().items()}
         # pieces exported for one clip (or stream) per call: a group of several runs row by row
         self._single = {n for n, p in self.manifest.pieces.items()
                         if p.inputs and p.inputs[0].shape[:1] == [1]}
         self.executables: Dict[str, Executable] = {}
-        for i, name in enumerate(dict.fromkeys(used)):
+        for i, name in enumerate(used):
             if progress:
                 progress(i, len(used), name)
             self.executables[name] = backend.load(bundle, name)
+        if progress:
+            progress(len(used), len(used), "loaded")
         self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
 
     # -- policies ---------------------------------------------------------------------------
@@ -132,7 +129,7 @@ class Runtime:
 
     def resolve_force(self, force: Force) -> Dict[str, int]:
         """A forced policy as {switch name: branch index} (empty: gates choose)."""
-        switches = {s["name"]: len(s["branches"]) for s in self.manifest.switches()}
+        switches = {s.name: len(s.branches) for s in self.manifest.switches()}
         if force is None:
             return {}
         if isinstance(force, str):
@@ -181,10 +178,11 @@ class Runtime:
             state[spec.name] = self.ops.from_host(np.zeros(shape, dtype=spec.dtype))
         return state
 
-    # -- the interpreter --------------------------------------------------------------------
-    def _run(self, piece: str, step: str, feeds: Mapping[str, Any],
-             rows: np.ndarray, traces: List[Trace],
-             shared: Sequence[str] = ()) -> Dict[str, Any]:
+    # -- running pieces ---------------------------------------------------------------------
+    def run_piece(self, piece: str, step: str, feeds: Mapping[str, Any], rows: np.ndarray,
+                  traces: List[Trace], shared: Sequence[str] = ()) -> Dict[str, Any]:
+        """Run ``piece`` on ``feeds`` (the rows ``rows`` of the batch), charging its FLOPs and
+        time to those rows' traces. Inputs named in ``shared`` (constants) are not split by row."""
         t0 = time.perf_counter()
         exe = self.executables[piece]
         if piece in self._single and len(rows) > 1:
@@ -204,13 +202,7 @@ class Runtime:
             tr.steps.append(StepRecord(step, piece, ms, len(rows)))
         return out
 
-    def _branch(self, branch: Mapping[str, Any], step: str, feeds: Mapping[str, Any],
-                rows: np.ndarray, traces: List[Trace],
-                shared: Sequence[str]) -> Dict[str, Any]:
-        if "pass" in branch:         # a branch that computes nothing forwards its inputs
-            return {out: feeds[inp] for out, inp in branch["pass"].items()}
-        return self._run(branch["piece"], step, feeds, rows, traces, shared)
-
+    # -- the interpreter --------------------------------------------------------------------
     def classify(self, clips: Any, force: Force = None, budget: Union[str, float, None] = None,
                  exit_at: Union[str, Sequence[Optional[str]], None] = None,
                  keep_values: bool = False,
@@ -231,171 +223,54 @@ class Runtime:
         """
         x = self.check_clips(clips)
         if self.manifest.window is not None and x.shape[2] > 1:
-            frames: List[Result] = []
-            for t in range(x.shape[2]):
-                r = self.classify(x[:, :, t:t + 1], force, budget, exit_at, keep_values, state,
-                                  exits)
-                state = r.state
-                frames.append(r)
-            traces = []
-            for i in range(x.shape[0]):
-                tr = Trace()
-                for t, r in enumerate(frames):
-                    one = r.traces[i]
-                    tr.flops += one.flops
-                    tr.steps += one.steps
-                    tr.decisions += one.decisions
-                    tr.decision_ms += one.decision_ms
-                    tr.branches.update({f"{k}@{t}": v for k, v in one.branches.items()})
-                    tr.exit = one.exit
-                traces.append(tr)
-            return Result(scores=frames[-1].scores, traces=traces, values=frames[-1].values,
-                          state=frames[-1].state)
+            return self._classify_frames(x, force, budget, exit_at, keep_values, state, exits)
         n = x.shape[0]
-        if budget is not None:
-            budget = budget_key(budget)
         per_clip_exit: Optional[np.ndarray] = None
         if exit_at is not None and not isinstance(exit_at, str):
             per_clip_exit = np.asarray(list(exit_at), dtype=object)
             if per_clip_exit.shape != (n,):
                 raise InputError(f"exit_at holds {per_clip_exit.shape[0]} names for {n} clips")
-        forced = self.resolve_force(force)
-        m = self.manifest
+        call = _Call(self, x, self.resolve_force(force),
+                     budget_key(budget) if budget is not None else None,
+                     exit_at if isinstance(exit_at, str) else None, per_clip_exit, exits,
+                     keep_values, self._check_state(state, n))
+        return call.execute(self.manifest.program)
+
+    def _check_state(self, state: Optional[Mapping[str, Any]], n: int) -> Dict[str, Any]:
         ops = self.ops
-        values: Dict[str, Any] = {m.input["name"]: ops.from_host(x)}
         st = dict(state) if state is not None else self.initial_state(n)
-        for spec in m.state:
+        for spec in self.manifest.state:
             if spec.name not in st:
                 raise InputError(f"state {spec.name!r} is missing")
             if isinstance(st[spec.name], np.ndarray):
                 st[spec.name] = ops.from_host(np.ascontiguousarray(st[spec.name]))
             if ops.shape(st[spec.name])[:1] != (n,):
                 raise InputError(f"state {spec.name!r} is not for a batch of {n}")
-        values.update(st)
-        new_state = dict(st)
-        traces = [Trace() for _ in range(n)]
-        active = np.arange(n)            # original clip index of each row still running
-        results: List[Optional[np.ndarray]] = [None] * n
-        kept: Dict[str, np.ndarray] = {}
+        return st
 
-        constants = self.constants
-
-        def feed(mapping: Mapping[str, str], step: str) -> Dict[str, Any]:
-            out = {}
-            for k, v in mapping.items():
-                arr = values.get(v)
-                if arr is None:
-                    arr = constants.get(v)
-                if arr is None:
-                    raise BundleError(f"program step {step!r} reads value {v!r} before any "
-                                      "step writes it")
-                out[k] = arr
-            return out
-
-        def shared(mapping: Mapping[str, str]) -> List[str]:
-            """Inputs fed from constants: the same for every row, never split by row."""
-            return [k for k, v in mapping.items() if v in constants and v not in values]
-
-        def store(mapping: Mapping[str, str], outs: Mapping[str, Any]) -> None:
-            for k, v in mapping.items():
-                values[v] = outs[k]
-                if keep_values:
-                    kept[v] = ops.to_host(outs[k])
-
-        def decide(value: Any, what: str, count: int) -> np.ndarray:
-            """Branch indices (of ``count`` branches) to the host: the one transfer a gate costs,
-            timed per clip."""
-            t0 = time.perf_counter()
-            choice = ops.to_host(value).reshape(-1).astype(np.int64)
-            ms = (time.perf_counter() - t0) * 1e3
-            for row in active:
-                traces[row].decision_ms += ms
-                traces[row].decisions += 1
-            if choice.shape[0] != len(active) or choice.min() < 0 or choice.max() >= count:
-                raise BundleError(f"{what} holds branch indices {choice} outside "
-                                  f"0..{count - 1}")
-            return choice
-
-        for step in m.program:
-            if len(active) == 0:
-                break
-            op, name = step["op"], step["name"]
-            if op == "run":
-                outs = self._run(step["piece"], name, feed(step["inputs"], name), active, traces,
-                                 shared(step["inputs"]))
-                store(step["outputs"], outs)
-            elif op == "switch":
-                branches = step["branches"]
-                feeds = feed(step["inputs"], name)
-                fixed = shared(step["inputs"])
-                if name in forced:
-                    choice = np.full(len(active), forced[name], dtype=np.int64)
-                elif "select" in step:
-                    choice = decide(feed({"select": step["select"]}, name)["select"],
-                                    f"{name}.select", len(branches))
-                else:
-                    gate = step["gate"]
-                    gouts = self._run(gate["piece"], name + ".gate", feed(gate["inputs"], name),
-                                      active, traces)
-                    choice = decide(gouts[gate["decision"]], f"{name}.decision", len(branches))
-                for row, c in zip(active, choice):
-                    traces[row].branches[name] = branches[int(c)]["name"]
-                uniq = np.unique(choice)
-                if len(uniq) == 1:
-                    outs = self._branch(branches[int(uniq[0])], name, feeds, active, traces, fixed)
-                else:
-                    parts: Dict[str, List[Any]] = {}
-                    for b in uniq:
-                        sel = np.nonzero(choice == b)[0]
-                        sub = {k: (v if k in fixed else ops.rows(v, sel)) for k, v in feeds.items()}
-                        part = self._branch(branches[int(b)], name, sub, active[sel], traces,
-                                            fixed)
-                        for k, v in part.items():
-                            parts.setdefault(k, []).append((sel, v))
-                    outs = {k: ops.scatter(p, len(active)) for k, p in parts.items()}
-                store(step["outputs"], outs)
-            elif op == "exit":
-                scores = ops.to_host(values[step["scores"]])
-                if per_clip_exit is not None:
-                    done = per_clip_exit[active] == name
-                elif exit_at is not None:
-                    done = np.full(len(active), exit_at == name)
-                elif not exits:
-                    continue
-                else:
-                    thresholds = step.get("thresholds", {})
-                    key = budget if budget is not None else "default"
-                    if budget is not None and key not in thresholds:
-                        raise InputError(f"exit {name!r} has no thresholds for budget {budget!r}; "
-                                         f"it has {', '.join(sorted(thresholds)) or 'none'} "
-                                         "(run 'adaedge calibrate exits')")
-                    if key not in thresholds:
-                        continue
-                    measure = exit_measure(scores, step["criterion"])
-                    thr = float(thresholds[key])
-                    done = measure <= thr if step["criterion"] == "entropy" else measure >= thr
-                if done.any():
-                    for row, s in zip(active[done], scores[done]):
-                        results[row] = s
-                        traces[row].exit = name
-                    keep = np.nonzero(~done)[0]
-                    active = active[keep]
-                    values = {k: ops.rows(v, keep) for k, v in values.items()}
-            elif op == "carry":
-                value = values[step["value"]]
-                if len(active) == n and ops.shape(value) == ops.shape(new_state[step["state"]]):
-                    new_state[step["state"]] = value     # pieces return fresh arrays: no copy
-                else:
-                    new_state[step["state"]] = ops.put_rows(new_state[step["state"]], active,
-                                                            value)
-        if len(active):
-            final = values.get(m.output)
-            if final is None:
-                raise BundleError(f"program never writes its output value {m.output!r}")
-            for row, s in zip(active, ops.to_host(final)):
-                results[row] = s
-        scores_out = np.stack([r for r in results if r is not None])
-        return Result(scores=scores_out, traces=traces, values=kept, state=new_state)
+    def _classify_frames(self, x: np.ndarray, force: Force, budget: Union[str, float, None],
+                         exit_at: Union[str, Sequence[Optional[str]], None], keep_values: bool,
+                         state: Optional[Mapping[str, Any]], exits: bool) -> Result:
+        """A stream bundle fed a clip frame by frame; traces add up the frames."""
+        frames: List[Result] = []
+        for t in range(x.shape[2]):
+            r = self.classify(x[:, :, t:t + 1], force, budget, exit_at, keep_values, state, exits)
+            state = r.state
+            frames.append(r)
+        traces = []
+        for i in range(x.shape[0]):
+            tr = Trace()
+            for t, r in enumerate(frames):
+                one = r.traces[i]
+                tr.flops += one.flops
+                tr.steps += one.steps
+                tr.decisions += one.decisions
+                tr.decision_ms += one.decision_ms
+                tr.branches.update({f"{k}@{t}": v for k, v in one.branches.items()})
+                tr.exit = one.exit
+            traces.append(tr)
+        return Result(scores=frames[-1].scores, traces=traces, values=frames[-1].values,
+                      state=frames[-1].state)
 
     def classify_batches(self, clips: Any, batch: int,
                          exit_at: Union[str, Sequence[Optional[str]], None] = None,
@@ -415,6 +290,172 @@ class Runtime:
             scores.append(r.scores)
             traces += r.traces
         return Result(scores=np.concatenate(scores), traces=traces)
+
+
+class _Call:
+    """One ``classify`` call over one batch: the program's values, the rows still running, and
+    each clip's trace; one method per step kind."""
+
+    def __init__(self, runtime: Runtime, x: np.ndarray, forced: Dict[str, int],
+                 budget: Optional[str], exit_at: Optional[str],
+                 per_clip_exit: Optional[np.ndarray], exits: bool, keep_values: bool,
+                 state: Dict[str, Any]) -> None:
+        self.rt = runtime
+        self.ops = runtime.ops
+        self.n = n = x.shape[0]
+        self.forced = forced
+        self.budget = budget
+        self.exit_at = exit_at
+        self.per_clip_exit = per_clip_exit
+        self.exits = exits
+        self.keep_values = keep_values
+        self.values: Dict[str, Any] = {runtime.manifest.input["name"]: self.ops.from_host(x)}
+        self.values.update(state)
+        self.new_state = dict(state)
+        self.traces = [Trace() for _ in range(n)]
+        self.active = np.arange(n)            # original clip index of each row still running
+        self.results: List[Optional[np.ndarray]] = [None] * n
+        self.kept: Dict[str, np.ndarray] = {}
+
+    def execute(self, program: Sequence[Step]) -> Result:
+        for step in program:
+            if len(self.active) == 0:
+                break
+            _METHODS[type(step)](self, step)
+        return self.finish()
+
+    # -- values -----------------------------------------------------------------------------
+    def feed(self, mapping: Mapping[str, str], step: str) -> Dict[str, Any]:
+        out = {}
+        constants = self.rt.constants
+        for k, v in mapping.items():
+            arr = self.values.get(v)
+            if arr is None:
+                arr = constants.get(v)
+            if arr is None:
+                raise BundleError(f"program step {step!r} reads value {v!r} before any "
+                                  "step writes it")
+            out[k] = arr
+        return out
+
+    def shared(self, mapping: Mapping[str, str]) -> List[str]:
+        """Inputs fed from constants: the same for every row, never split by row."""
+        constants = self.rt.constants
+        return [k for k, v in mapping.items() if v in constants and v not in self.values]
+
+    def store(self, mapping: Mapping[str, str], outs: Mapping[str, Any]) -> None:
+        for k, v in mapping.items():
+            self.values[v] = outs[k]
+            if self.keep_values:
+                self.kept[v] = self.ops.to_host(outs[k])
+
+    def decide(self, value: Any, what: str, count: int) -> np.ndarray:
+        """Branch indices (of ``count`` branches) to the host: the one transfer a gate costs,
+        timed per clip."""
+        t0 = time.perf_counter()
+        choice = self.ops.to_host(value).reshape(-1).astype(np.int64)
+        ms = (time.perf_counter() - t0) * 1e3
+        for row in self.active:
+            self.traces[row].decision_ms += ms
+            self.traces[row].decisions += 1
+        if choice.shape[0] != len(self.active) or choice.min() < 0 or choice.max() >= count:
+            raise BundleError(f"{what} holds branch indices {choice} outside 0..{count - 1}")
+        return choice
+
+    # -- steps ------------------------------------------------------------------------------
+    def run(self, step: Run) -> None:
+        outs = self.rt.run_piece(step.piece, step.name, self.feed(step.inputs, step.name),
+                                 self.active, self.traces, self.shared(step.inputs))
+        self.store(step.outputs, outs)
+
+    def _branch(self, branch: Branch, step: str, feeds: Mapping[str, Any], rows: np.ndarray,
+                shared: Sequence[str]) -> Dict[str, Any]:
+        if branch.passes is not None:    # a branch that computes nothing forwards its inputs
+            return {out: feeds[inp] for out, inp in branch.passes.items()}
+        assert branch.piece is not None
+        return self.rt.run_piece(branch.piece, step, feeds, rows, self.traces, shared)
+
+    def switch(self, step: Switch) -> None:
+        name, branches, ops = step.name, step.branches, self.ops
+        feeds = self.feed(step.inputs, name)
+        fixed = self.shared(step.inputs)
+        if name in self.forced:
+            choice = np.full(len(self.active), self.forced[name], dtype=np.int64)
+        elif step.select is not None:
+            choice = self.decide(self.feed({"select": step.select}, name)["select"],
+                                 f"{name}.select", len(branches))
+        else:
+            gate = step.gate
+            assert gate is not None
+            gouts = self.rt.run_piece(gate.piece, name + ".gate", self.feed(gate.inputs, name),
+                                      self.active, self.traces)
+            choice = self.decide(gouts[gate.decision], f"{name}.decision", len(branches))
+        for row, c in zip(self.active, choice):
+            self.traces[row].branches[name] = branches[int(c)].name
+        uniq = np.unique(choice)
+        if len(uniq) == 1:
+            outs = self._branch(branches[int(uniq[0])], name, feeds, self.active, fixed)
+        else:
+            parts: Dict[str, List[Any]] = {}
+            for b in uniq:
+                sel = np.nonzero(choice == b)[0]
+                sub = {k: (v if k in fixed else ops.rows(v, sel)) for k, v in feeds.items()}
+                part = self._branch(branches[int(b)], name, sub, self.active[sel], fixed)
+                for k, v in part.items():
+                    parts.setdefault(k, []).append((sel, v))
+            outs = {k: ops.scatter(p, len(self.active)) for k, p in parts.items()}
+        self.store(step.outputs, outs)
+
+    def exit(self, step: Exit) -> None:
+        name = step.name
+        scores = self.ops.to_host(self.values[step.scores])
+        if self.per_clip_exit is not None:
+            done = self.per_clip_exit[self.active] == name
+        elif self.exit_at is not None:
+            done = np.full(len(self.active), self.exit_at == name)
+        elif not self.exits:
+            return
+        else:
+            key = self.budget if self.budget is not None else "default"
+            if self.budget is not None and key not in step.thresholds:
+                raise InputError(f"exit {name!r} has no thresholds for budget {self.budget!r}; "
+                                 f"it has {', '.join(sorted(step.thresholds)) or 'none'} "
+                                 "(run 'adaedge calibrate exits')")
+            if key not in step.thresholds:
+                return
+            done = step.leaves(exit_measure(scores, step.criterion), step.thresholds[key])
+        if done.any():
+            for row, s in zip(self.active[done], scores[done]):
+                self.results[row] = s
+                self.traces[row].exit = name
+            keep = np.nonzero(~done)[0]
+            self.active = self.active[keep]
+            self.values = {k: self.ops.rows(v, keep) for k, v in self.values.items()}
+
+    def carry(self, step: Carry) -> None:
+        value = self.values[step.value]
+        ops = self.ops
+        if len(self.active) == self.n and ops.shape(value) == ops.shape(self.new_state[step.state]):
+            self.new_state[step.state] = value     # pieces return fresh arrays: no copy
+        else:
+            self.new_state[step.state] = ops.put_rows(self.new_state[step.state], self.active,
+                                                      value)
+
+    def finish(self) -> Result:
+        m = self.rt.manifest
+        if len(self.active):
+            final = self.values.get(m.output)
+            if final is None:
+                raise BundleError(f"program never writes its output value {m.output!r}")
+            for row, s in zip(self.active, self.ops.to_host(final)):
+                self.results[row] = s
+        scores_out = np.stack([r for r in self.results if r is not None])
+        return Result(scores=scores_out, traces=self.traces, values=self.kept,
+                      state=self.new_state)
+
+
+_METHODS: Dict[type, Callable[[_Call, Any], None]] = {
+    Run: _Call.run, Switch: _Call.switch, Exit: _Call.exit, Carry: _Call.carry}
 
 
 class Stream:
@@ -440,7 +481,6 @@ def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxr
 
     ``sync_steps`` makes every step wait for the device, so that step times are device times
     (only matters for GPU backends, whose pieces run asynchronously)."""
-    from ..bundle import load as load_bundle
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
     return Runtime(b, be, progress, sync_steps)
@@ -449,9 +489,9 @@ def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxr
 def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
           progress: Progress = None, **options: Any) -> Path:
     """Prepare the backend's engines into the bundle's cache; returns the cache folder."""
-    from ..bundle import load as load_bundle
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     return create_backend(backend, **options).build(b, progress)
 
 
-__all__ = ["Runtime", "Stream", "Result", "Trace", "InputError", "load", "build", "exit_measure"]
+__all__ = ["Runtime", "Stream", "Result", "Trace", "StepRecord", "Force", "load", "build",
+           "exit_measure"]

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import models
-from .data import CLASSES, MotionDataset
-from .export import KINETICS_MEAN, KINETICS_STD
-from .models.vared_r2plus1d import VaRedR2Plus1D
+from .. import models
+from ..data import CLASSES, MotionDataset
+from ..models.registry import KINETICS_MEAN, KINETICS_STD
+from ..models.vared_r2plus1d import VaRedR2Plus1D
 
 Log = Callable[[str], None]
 
@@ -239,8 +239,8 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
 
 def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainResult:
     """Top-1 and GFLOPs per class, measured on the exported bundle with ONNX Runtime."""
-    from . import runtime
-    from .export import export
+    from .. import runtime
+    from ..export import export
 
     n = clips or cfg.test_clips
     x, y = MotionDataset("test", cfg.frames, cfg.size, n).arrays()

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from ....errors import BundleError
+
 _ONNX_TO_TORCH = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
     onnx.TensorProto.DOUBLE: torch.float64, onnx.TensorProto.INT64: torch.int64,
@@ -40,7 +42,7 @@ class Node:
     name: str
 
 
-class UnsupportedPiece(ValueError):
+class UnsupportedPiece(BundleError):
     """A piece with an op (or a form of one) this translation does not run."""
 
 

@@ -1,59 +1,41 @@
-"""Backends turn a bundle's pieces into executables. One small interface, one module per library.
+"""ONNX Runtime: the embedded default, on the CPU (or CUDA with onnxruntime-gpu).
 
-A backend has a ``name``, ``build(bundle, progress)`` that prepares its engines into the bundle's
-``engines/`` cache, and ``load(bundle, piece)`` that returns an :class:`Executable`.
+``build`` runs ONNX Runtime's graph optimisations once per piece and saves the optimised graphs
+under ``engines/<key>/``, the key naming the onnxruntime version, device and processor; ``load``
+uses them when their key and source hashes match, and the bundle's own graphs otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError, safe_join, sha256_file
+from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
+from ...errors import BackendUnavailable, BundleError, UsageError
+from ...progress import Progress
+from .base import Backend, BackendOption
 
-Progress = Optional[Callable[[int, int, str], None]]
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend's library, or the device it needs, is not installed here."""
-
-
-class Executable(Protocol):
-    """One piece, ready to run: feeds and results are the backend's arrays, by I/O name."""
-
-    def run(self, feeds: Mapping[str, Any]) -> Dict[str, Any]: ...
-
-
-class Backend(Protocol):
-    name: str
-
-    def build(self, bundle: Bundle, progress: Progress = None) -> Path: ...
-
-    def load(self, bundle: Bundle, piece: str) -> Executable: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX Runtime
 
 class OrtExecutable:
-    def __init__(self, session: "object", output_names: List[str]) -> None:
+    def __init__(self, session: Any, output_names: List[str]) -> None:
         self.session = session
         self.output_names = output_names
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, dict(feeds))  # type: ignore[attr-defined]
+        outs = self.session.run(self.output_names, dict(feeds))
         return dict(zip(self.output_names, outs))
 
 
 _SHARED_POOL: List[int] = []   # threads of the process-wide ONNX Runtime pool, once created
 
 
-def _shared_pool(ort: "object", threads: int) -> bool:
+def _shared_pool(ort: Any, threads: int) -> bool:
     """Create ONNX Runtime's process-wide intra-op pool of ``threads`` threads (once: it cannot
     be resized or removed); False where this onnxruntime cannot."""
     if _SHARED_POOL:
@@ -67,19 +49,31 @@ def _shared_pool(ort: "object", threads: int) -> bool:
     return True
 
 
-class OnnxRuntimeBackend:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on the CPU (default) or CUDA (``device="cuda"``, needs onnxruntime-gpu).
 
     ``pool="shared"`` runs all sessions on one process-wide thread pool, much faster for bundles
     of many small pieces (AdaFuse's gathered form), but every ONNX Runtime session created later
     in the process must then set ``use_per_session_threads = False``.
-
-    ``build`` runs ONNX Runtime's graph optimisations once per piece and saves the optimised graphs
-    under ``engines/<key>/``, the key naming the onnxruntime version, device and processor; ``load``
-    uses them when their key and source hashes match, and the bundle's own graphs otherwise.
     """
 
-    name = "onnxruntime"
+    name: ClassVar[str] = "onnxruntime"
+    summary: ClassVar[str] = "ONNX Runtime (CPU, the default; CUDA with onnxruntime-gpu)"
+    options: ClassVar[Tuple[BackendOption, ...]] = (
+        BackendOption("threads", "CPU threads per piece (default: all cores)", _positive),
+        BackendOption("pool", "a thread pool per piece (default) or one for all pieces (much "
+                              "faster for bundles of many small pieces, like AdaFuse gathered)",
+                      choices=("session", "shared")),
+        BackendOption("device", "cpu (default) or cuda (needs onnxruntime-gpu)",
+                      choices=("cpu", "cuda")),
+    )
 
     def __init__(self, device: str = "cpu", threads: Optional[int] = None,
                  use_cache: bool = True, pool: str = "session") -> None:
@@ -91,7 +85,7 @@ class OnnxRuntimeBackend:
                 "'pip install onnxruntime' (or onnxruntime-gpu for CUDA)") from None
         self.ort = ort
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"onnxruntime device must be 'cpu' or 'cuda', not {device!r}")
+            raise UsageError(f"onnxruntime device must be 'cpu' or 'cuda', not {device!r}")
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise BackendUnavailable(
@@ -102,9 +96,9 @@ class OnnxRuntimeBackend:
             else ["CPUExecutionProvider"]
         self.threads = threads if threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
-            raise ValueError("threads must be at least 1")
+            raise UsageError("threads must be at least 1")
         if pool not in ("shared", "session"):
-            raise ValueError(f"pool must be 'shared' or 'session', not {pool!r}")
+            raise UsageError(f"pool must be 'shared' or 'session', not {pool!r}")
         # pool="shared": one intra-op pool for all sessions of the process (measured: a sweep
         # over the 24 gathered pieces of an AdaFuse stage ran 15x faster than with a pool per
         # session on 2 cores, whose idle threads contend). ONNX Runtime then requires every
@@ -118,11 +112,15 @@ class OnnxRuntimeBackend:
         self.pool = pool
         self.use_cache = use_cache
 
+    def device_info(self) -> Dict[str, Any]:
+        return {"name": self.device, "threads": self.threads, "pool": self.pool,
+                "onnxruntime": self.ort.__version__}
+
     @property
     def cache_key(self) -> str:
         return f"onnxruntime-{self.ort.__version__}-{self.device}-{platform.machine()}"
 
-    def _options(self, optimize: bool, save_to: Optional[Path] = None) -> "object":
+    def _options(self, optimize: bool, save_to: Optional[Path] = None) -> Any:
         ort = self.ort
         so = ort.SessionOptions()
         if self.pool == "shared":
@@ -156,7 +154,8 @@ class OnnxRuntimeBackend:
         if not isinstance(data, dict) or data.get("key") != self.cache_key or \
                 not isinstance(data.get("pieces"), dict):
             return {}
-        return data["pieces"]
+        pieces: Dict[str, Dict[str, str]] = data["pieces"]
+        return pieces
 
     def build(self, bundle: Bundle, progress: Progress = None) -> Path:
         folder = bundle.engine_dir(self.cache_key)
@@ -166,72 +165,56 @@ class OnnxRuntimeBackend:
         for i, name in enumerate(names):
             if progress:
                 progress(i, len(names), name)
-            source = bundle.piece_path(name)
             target = folder / f"{name}.onnx"
             tmp = folder / f".{name}.tmp.onnx"
-            self.ort.InferenceSession(str(source), self._options(True, tmp),
-                                      providers=self.providers)
+            self._session(self._checked(bundle, name), name, True, tmp)
             os.replace(tmp, target)
             index[name] = {"file": target.name, "source_sha256": bundle.manifest.pieces[name].sha256,
                            "sha256": sha256_file(target)}
         if progress:
             progress(len(names), len(names), "done")
-        path = self._index_path(bundle)
-        path.write_text(json.dumps({"key": self.cache_key, "threads": self.threads,
-                                    "pieces": index}, indent=1), encoding="utf-8")
+        write_atomic(self._index_path(bundle), json.dumps(
+            {"key": self.cache_key, "threads": self.threads, "pieces": index}, indent=1))
         return folder
+
+    def _checked(self, bundle: Bundle, piece: str) -> bytes:
+        """The piece's hash-checked bytes, refused unless self-contained (ONNX Runtime is handed
+        these bytes, never a path it could resolve external data against)."""
+        data = bundle.piece_bytes(piece)
+        parse_onnx(data, f"piece {piece!r} cannot be loaded by onnxruntime: its file")
+        return data
+
+    def _session(self, data: bytes, piece: str, optimize: bool,
+                 save_to: Optional[Path] = None) -> Any:
+        try:
+            return self.ort.InferenceSession(data, self._options(optimize, save_to),
+                                             providers=self.providers)
+        except Exception as e:  # onnxruntime's own errors for malformed graphs
+            raise BundleError(f"piece {piece!r} cannot be loaded by onnxruntime: {e}") from None
+
+    def _cached(self, bundle: Bundle, piece: str) -> Optional[bytes]:
+        """The optimised graph ``build`` saved for ``piece``, if its key and source match; its
+        bytes hash-checked against the index and refused unless self-contained (the cache comes
+        with the bundle, so it is as untrusted as the bundle)."""
+        entry = self._read_index(bundle).get(piece)
+        if not entry or entry.get("source_sha256") != bundle.manifest.pieces[piece].sha256:
+            return None
+        path = safe_join(bundle.engine_dir(self.cache_key), str(entry.get("file")))
+        data = path.read_bytes() if path.is_file() else None
+        if data is None or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BundleError(f"engine for piece {piece!r} in {path.parent} is missing or "
+                              "corrupt; run 'adaedge build' again")
+        parse_onnx(data, f"engine for piece {piece!r} in {path.parent}")
+        return data
 
     def load(self, bundle: Bundle, piece: str) -> OrtExecutable:
         spec = bundle.manifest.pieces[piece]
-        cached: Optional[Path] = None
-        if self.use_cache:
-            entry = self._read_index(bundle).get(piece)
-            if entry and entry.get("source_sha256") == spec.sha256:
-                path = safe_join(bundle.engine_dir(self.cache_key), str(entry.get("file")))
-                if not path.is_file() or sha256_file(path) != entry.get("sha256"):
-                    raise BundleError(f"engine for piece {piece!r} in {path.parent} is missing or "
-                                      "corrupt; run 'adaedge build' again")
-                cached = path
+        cached = self._cached(bundle, piece) if self.use_cache else None
         if cached is not None:
-            session = self.ort.InferenceSession(str(cached), self._options(False),
-                                                providers=self.providers)
+            session = self._session(cached, piece, False)
         else:
-            try:
-                session = self.ort.InferenceSession(str(bundle.piece_path(piece)),
-                                                    self._options(True), providers=self.providers)
-            except BundleError:
-                raise
-            except Exception as e:  # onnxruntime's own errors for malformed graphs
-                raise BundleError(f"piece {piece!r} cannot be loaded by onnxruntime: {e}") from None
-        return OrtExecutable(session, [t.name for t in spec.outputs])
+            session = self._session(self._checked(bundle, piece), piece, True)
+        return OrtExecutable(session, spec.output_names)
 
 
-def _torch_backend(device: str) -> Callable[..., Backend]:
-    def create(**options: object) -> Backend:
-        from .torch_backend import TorchBackend    # imports torch: only when asked for
-        return TorchBackend(device=device, **options)  # type: ignore[arg-type]
-    return create
-
-
-def _tensorrt_backend(**options: object) -> Backend:
-    from .tensorrt import TensorRTBackend
-    return TensorRTBackend(**options)  # type: ignore[arg-type]
-
-
-_BACKENDS: Dict[str, Callable[..., Backend]] = {
-    "onnxruntime": OnnxRuntimeBackend,
-    "torch-cuda": _torch_backend("cuda"),
-    "torch-cpu": _torch_backend("cpu"),
-    "tensorrt": _tensorrt_backend,
-}
-
-
-def available_backends() -> List[str]:
-    return sorted(_BACKENDS)
-
-
-def create_backend(name: str, **options: object) -> Backend:
-    if name not in _BACKENDS:
-        raise BackendUnavailable(f"unknown backend {name!r}; this adaedge has "
-                                 f"{', '.join(available_backends())}")
-    return _BACKENDS[name](**options)
+__all__ = ["OnnxRuntimeBackend", "OrtExecutable"]

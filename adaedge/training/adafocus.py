@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import models
-from .data import CLASSES, MotionDataset
-from .models.adafocus_v3 import AdaFocusV3
-from .train import normalise
+from .. import models
+from ..data import CLASSES, MotionDataset
+from ..models.adafocus_v3 import AdaFocusV3
+from .vared import normalise
 
 Log = Callable[[str], None]
 
@@ -91,9 +91,9 @@ def evaluate_focus(model: AdaFocusV3,
                    log: Log = print) -> Dict[str, Any]:
     """Export, calibrate exits on val for budgets between the glance's and all cubes' cost, and
     measure top-1 and GFLOPs on test for each budget and for all cubes."""
-    from . import runtime
-    from .calibration.exits import calibrate_exits, evaluate_budgets
-    from .export import export
+    from .. import runtime
+    from ..calibration.exits import calibrate_exits, evaluate_budgets
+    from ..export import export
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "b"
         manifest = export(model, out, labels=list(CLASSES), weights={"source": "training"})

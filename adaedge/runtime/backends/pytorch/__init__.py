@@ -14,13 +14,15 @@ file loader falls back to unrestricted unpickling, and a bundle is untrusted inp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError
-from .arrays import as_slice
-from .backends import BackendUnavailable, Progress
+from ....bundle import Bundle
+from ....errors import BackendUnavailable, BundleError, UsageError
+from ....progress import Progress
+from ...arrays import as_slice
+from ..base import Backend, BackendOption
 
 
 def _torch() -> Any:
@@ -161,34 +163,45 @@ class TorchExecutable:
         return dict(zip(self.output_names, outs))
 
 
-class TorchBackend:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+class TorchBackend(Backend):
     """Pieces as ``torch.export`` programs on a PyTorch device; CUDA graphs on CUDA.
+
+    The registry's ``torch-cuda`` and ``torch-cpu`` are its two subclasses.
 
     ``device``: ``"cuda"`` (default ``cuda_graphs=True``) or ``"cpu"`` (eager exported programs,
     used to check the translation where no GPU is present). ``export=False`` runs the translated
     modules without ``torch.export`` (to tell a translation problem from an export one).
     """
 
+    name: ClassVar[str] = "torch"
+    summary: ClassVar[str] = "PyTorch"
+
     def __init__(self, device: str = "cuda", cuda_graphs: Optional[bool] = None,
                  export: bool = True, threads: Optional[int] = None) -> None:
         self.torch = _torch()
         if threads is not None:
             if threads < 1:
-                raise ValueError("threads must be at least 1")
+                raise UsageError("threads must be at least 1")
             self.torch.set_num_threads(threads)
         self.threads = self.torch.get_num_threads()
         if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
-            raise ValueError(f"torch device must be 'cuda', 'cuda:N' or 'cpu', not {device!r}")
+            raise UsageError(f"torch device must be 'cuda', 'cuda:N' or 'cpu', not {device!r}")
         if device.startswith("cuda") and not self.torch.cuda.is_available():
             raise BackendUnavailable(
                 f"the torch-cuda backend needs a CUDA GPU and a PyTorch built with CUDA; this "
                 f"PyTorch {self.torch.__version__} sees none (torch.cuda.is_available() is False)."
                 " Use the onnxruntime backend here, or torch-cpu to check the translation")
         self.device = device
-        self.name = "torch-cuda" if device.startswith("cuda") else "torch-cpu"
         self.cuda_graphs = device.startswith("cuda") if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not device.startswith("cuda"):
-            raise ValueError("CUDA graphs need a CUDA device")
+            raise UsageError("CUDA graphs need a CUDA device")
         self.export = export
         self.arrays = TorchArrays(device)
         if device.startswith("cuda"):
@@ -212,7 +225,7 @@ class TorchBackend:
             self.torch.cuda.synchronize()
 
     def load(self, bundle: Bundle, piece: str) -> TorchExecutable:
-        from .onnx_torch import OnnxModule, UnsupportedPiece
+        from .translate import OnnxModule, UnsupportedPiece
         spec = bundle.manifest.pieces[piece]
         try:
             module = OnnxModule(bundle.piece_model(piece)).to(self.device).eval()
@@ -239,3 +252,31 @@ class TorchBackend:
         if progress:
             progress(len(names), len(names), "done")
         return bundle.root
+
+
+class TorchCudaBackend(TorchBackend):
+    name: ClassVar[str] = "torch-cuda"
+    summary: ClassVar[str] = "PyTorch with CUDA graphs on a CUDA GPU"
+    options: ClassVar[Tuple[BackendOption, ...]] = (
+        BackendOption("cuda_graphs", "launch each piece's kernels instead of replaying a CUDA "
+                      "graph", flag="--no-cuda-graphs", negate=True),
+    )
+
+    def __init__(self, cuda_graphs: Optional[bool] = None, export: bool = True,
+                 device: str = "cuda") -> None:
+        super().__init__(device=device, cuda_graphs=cuda_graphs, export=export)
+
+
+class TorchCpuBackend(TorchBackend):
+    name: ClassVar[str] = "torch-cpu"
+    summary: ClassVar[str] = "PyTorch on the CPU (checks the translation that torch-cuda runs)"
+    options: ClassVar[Tuple[BackendOption, ...]] = (
+        BackendOption("threads", "CPU threads (default: all cores)", _positive),
+    )
+
+    def __init__(self, threads: Optional[int] = None, export: bool = True) -> None:
+        super().__init__(device="cpu", threads=threads, export=export)
+
+
+__all__ = ["TorchBackend", "TorchCudaBackend", "TorchCpuBackend", "TorchArrays", "TorchExecutable",
+           "export_piece"]

@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, cast
 
 import numpy as np
 
-from .arrays import runs
-from .backends import BackendUnavailable
+from ....errors import BackendUnavailable, UsageError
+from ...arrays import runs
 
 H2D, D2H, D2D = 1, 2, 3      # cudaMemcpyKind values (the same in every CUDA version)
 
@@ -240,7 +240,7 @@ def open_driver(name: Optional[str] = None) -> Driver:
     """The named CUDA wrapper, or the first one installed (cuda-python, Polygraphy, PyCUDA)."""
     if name is not None:
         if name not in _DRIVERS:
-            raise ValueError(f"unknown CUDA wrapper {name!r}; choose from {', '.join(_DRIVERS)}")
+            raise UsageError(f"unknown CUDA wrapper {name!r}; choose from {', '.join(_DRIVERS)}")
         return cast(Driver, _DRIVERS[name]())
     problems: List[str] = []
     for cls in _DRIVERS.values():

@@ -1,0 +1,173 @@
+"""An opened bundle folder: its validated manifest, and its files read safely.
+
+Every file is reached through :func:`~adaedge.bundle.paths.safe_join` (inside the bundle, never
+through a link that leaves it) and hash-checked against the manifest before anything uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+from ..errors import BundleError
+from .manifest import Manifest, parse_manifest
+from .paths import safe_join, sha256_file, write_atomic
+from .vocabulary import ENGINES, MANIFEST
+
+
+class Bundle:
+    """An opened bundle folder with a validated manifest."""
+
+    def __init__(self, root: Union[str, Path], manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self._verified: Dict[str, Path] = {}
+
+    def piece_path(self, name: str, check_hash: bool = True) -> Path:
+        """The piece's file inside the bundle, present and matching its recorded SHA-256."""
+        if name in self._verified:
+            return self._verified[name]
+        piece = self.manifest.pieces[name]
+        path = self._file(piece.file, piece.sha256 if check_hash else None, f"piece {name!r}")
+        self._verified[name] = path
+        return path
+
+    def piece_bytes(self, name: str) -> bytes:
+        """The piece's ONNX bytes, read once and checked against the manifest's SHA-256 (the
+        bytes handed on are the bytes hashed)."""
+        piece = self.manifest.pieces[name]
+        data = self._file(piece.file, None, f"piece {name!r}").read_bytes()
+        self._check_digest(hashlib.sha256(data).hexdigest(), piece.sha256, f"piece {name!r}",
+                           piece.file)
+        return data
+
+    def piece_model(self, name: str) -> Any:
+        """The piece as a checked, self-contained ``onnx.ModelProto`` (external data refused)."""
+        return parse_onnx(self.piece_bytes(name), f"bundle {self.root}: piece {name!r}")
+
+    def _file(self, relative: str, sha256: Optional[str], what: str) -> Path:
+        """A file of the bundle, inside it, present and (given ``sha256``) matching its hash."""
+        path = safe_join(self.root, relative)
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root}: {what} is missing its file {relative}")
+        if sha256 is not None:
+            self._check_digest(sha256_file(path), sha256, what, relative)
+        return path
+
+    def _check_digest(self, digest: str, sha256: str, what: str, relative: str) -> None:
+        if digest != sha256:
+            raise BundleError(f"bundle {self.root}: {what} ({relative}) is corrupt: SHA-256 "
+                              f"{digest[:12]}… does not match the manifest's {sha256[:12]}…")
+
+    def verify_files(self) -> None:
+        for name in self.manifest.pieces:
+            self.piece_path(name)
+        self.constants()
+
+    def constants(self) -> Dict[str, Any]:
+        """The shared constants as NumPy arrays, hash-checked and matched against their specs."""
+        import numpy as np
+        spec = self.manifest.constants
+        if spec is None:
+            return {}
+        path = self._file(spec.file, spec.sha256, "constants file")
+        out: Dict[str, Any] = {}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                for t in spec.tensors:
+                    if t.name not in data.files:
+                        raise BundleError(f"bundle {self.root}: constants file lacks {t.name!r}")
+                    arr = data[t.name]
+                    if list(arr.shape) != list(t.shape) or str(arr.dtype) != t.dtype:
+                        raise BundleError(f"bundle {self.root}: constant {t.name!r} is "
+                                          f"{arr.dtype}{list(arr.shape)}, the manifest says "
+                                          f"{t.dtype}{list(t.shape)}")
+                    out[t.name] = np.ascontiguousarray(arr)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(f"bundle {self.root}: cannot read constants {spec.file}: {e}") from None
+        return out
+
+    def engine_dir(self, key: str) -> Path:
+        return safe_join(self.root, f"{ENGINES}/{key}")
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers (sparse too), Constant values and tensor
+    attributes, in its subgraphs (If, Loop, Scan bodies) as well."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute)
+
+
+def _attribute_tensors(attributes: Any) -> Iterator[Any]:
+    for attr in attributes:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sp in attr.sparse_tensors:
+            yield sp.values
+            yield sp.indices
+        if attr.HasField("g"):
+            yield from _tensors(attr.g)
+        for g in attr.graphs:
+            yield from _tensors(g)
+
+
+def parse_onnx(data: bytes, what: str) -> Any:
+    """ONNX bytes as a ``ModelProto``, refused unless every tensor is stored inside them.
+
+    A tensor kept in an external file names a path that a runtime would open (some ONNX Runtime
+    versions follow it out of the model's folder); adaedge pieces never use one, so any is
+    refused, in the graph, its subgraphs and its functions alike.
+    """
+    import onnx
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:   # protobuf's DecodeError and friends
+        raise BundleError(f"{what} is not an ONNX model: {e}") from None
+    tensors = list(_tensors(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            tensors.extend(_attribute_tensors(node.attribute))
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            raise BundleError(f"{what} keeps tensor {t.name!r} in an external file; adaedge "
+                              "pieces are self-contained")
+    return model
+
+
+def load(root: Union[str, Path]) -> Bundle:
+    """Open and validate a bundle folder (files are hash-checked when first used)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} is not a folder")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not an adaedge bundle: it has no {MANIFEST}")
+    try:
+        with open(mpath, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    return Bundle(root, parse_manifest(data))
+
+
+def write_manifest(root: Union[str, Path], manifest: Manifest) -> Path:
+    """Validate and write ``manifest.json`` atomically."""
+    data = manifest.to_json()
+    parse_manifest(json.loads(json.dumps(data)))  # what we write must read back
+    return write_atomic(Path(root) / MANIFEST, json.dumps(data, indent=1) + "\n")
+
+
+__all__ = ["Bundle", "load", "write_manifest", "parse_onnx"]

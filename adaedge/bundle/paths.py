@@ -1,0 +1,65 @@
+"""Paths inside a bundle: every file read or written stays inside it.
+
+A bundle is untrusted input: a relative path from its manifest may be absolute, climb out with
+``..`` or pass through a link that leads elsewhere; :func:`safe_join` refuses all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from ..errors import BundleError
+
+
+def safe_join(root: Union[str, Path], relative: str) -> Path:
+    """``root / relative``, refusing absolute paths, ``..`` and links that leave ``root``."""
+    if not isinstance(relative, str) or not relative:
+        raise BundleError(f"bundle path must be a non-empty string, got {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")) or ":" in rel.parts[0]:
+        raise BundleError(f"bundle path {relative!r} is absolute: paths must stay inside the bundle")
+    if any(part == ".." for part in rel.parts) or "\\" in relative:
+        raise BundleError(f"bundle path {relative!r} leaves the bundle")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    try:
+        target.relative_to(base)
+    except ValueError:
+        raise BundleError(f"bundle path {relative!r} resolves to {target}, outside the bundle "
+                          f"{base}") from None
+    return target
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file created beside it and renamed into
+    place: a reader never sees half a file, and an existing link at ``path`` is replaced, not
+    followed."""
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+__all__ = ["safe_join", "sha256_file", "write_atomic"]
