@@ -44,15 +44,15 @@ def _parse_config(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def _families() -> List[Any]:
-    require("torch", "this command", "export")
+def _families(command: str = "this command") -> List[Any]:
+    require("torch", command, "export")
     from .models import FAMILIES
     return list(FAMILIES)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     rows = []
-    for fam in _families():
+    for fam in _families("adaedge models"):
         for name in fam.builders:
             rows.append({"model": name, "family": fam.name, "title": fam.title,
                          "executions": fam.execution_names(),
@@ -461,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         families = None
         if argv[:1] and argv[0] in TORCH_COMMANDS:
             try:
-                families = _families()
+                families = _families(f"adaedge {argv[0]}")
             except AdaedgeError:
                 families = None    # the command itself says which extra is missing
         parser = build_parser(families)
