@@ -144,6 +144,9 @@ def add_backend_args(sp: argparse.ArgumentParser) -> None:
         if opt.negate:
             g.add_argument(opt.cli_flag, dest=key, action="store_false", default=None,
                            help=f"{who}: {opt.help}")
+        elif opt.switch:
+            g.add_argument(opt.cli_flag, dest=key, action="store_true", default=None,
+                           help=f"{who}: {opt.help}")
         else:
             g.add_argument(opt.cli_flag, dest=key, type=opt.type, choices=opt.choices,
                            help=f"{who}: {opt.help}")

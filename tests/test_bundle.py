@@ -132,3 +132,91 @@ def test_safe_join_keeps_paths_inside(tmp_path):
     for bad in ["", "..", "a/../../b", "/abs", "C:\\x"]:
         with pytest.raises(BundleError):
             bundle_mod.safe_join(tmp_path, bad)
+
+
+def _external(tensor, location):
+    tensor.data_location = 1                       # onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+
+
+def _hostile_places():
+    """Every place an ONNX file can keep a tensor: an edit that puts one there, external."""
+    from onnx import helper
+
+    def initializer(m, loc):
+        _external(m.graph.initializer[0], loc)
+
+    def sparse(m, loc):
+        values = helper.make_tensor("sv", 1, [1], [1.0])
+        _external(values, loc)
+        indices = helper.make_tensor("si", 7, [1], [0])
+        m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+
+    def constant(m, loc):
+        t = helper.make_tensor("c", 1, [1], [1.0])
+        _external(t, loc)
+        m.graph.node.append(helper.make_node("Constant", [], ["c_out"], value=t))
+
+    def subgraph(m, loc):
+        t = helper.make_tensor("w_in_branch", 1, [1], [1.0])
+        _external(t, loc)
+        branch = helper.make_graph([helper.make_node("Identity", ["w_in_branch"], ["o"])], "b",
+                                   [], [helper.make_tensor_value_info("o", 1, [1])], [t])
+        m.graph.node.append(helper.make_node("If", ["cond"], ["if_out"], then_branch=branch,
+                                             else_branch=branch))
+
+    def function(m, loc):
+        t = helper.make_tensor("fc", 1, [1], [1.0])
+        _external(t, loc)
+        m.functions.append(helper.make_function(
+            "evil", "F", [], ["y"], [helper.make_node("Constant", [], ["y"], value=t)],
+            [helper.make_opsetid("", 17)]))
+
+    return {"initializer": initializer, "sparse": sparse, "constant": constant,
+            "subgraph": subgraph, "function": function}
+
+
+@pytest.mark.parametrize("place", sorted(_hostile_places()))
+@pytest.mark.parametrize("location", ["../../secret.bin", "/etc/hostname", "secret.bin"])
+def test_external_data_anywhere_in_a_piece_is_refused(copy, tmp_path, monkeypatch, place,
+                                                      location):
+    """A piece that keeps a tensor in an external file is refused before ONNX Runtime sees it
+    (some versions follow such paths out of the model's folder, or resolve them against the
+    working directory), wherever in the file the tensor is; the cached-graph path too."""
+    import hashlib
+
+    import onnx
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    monkeypatch.chdir(tmp_path)
+    path = copy / "graphs" / "head.onnx"
+    model = onnx.load(str(path))
+    _hostile_places()[place](model, location)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    _edit(copy, lambda d: d["pieces"]["head"].update(sha256=hashlib.sha256(data).hexdigest()))
+    with pytest.raises(BundleError, match="in an external file; adaedge pieces are self-contained"):
+        runtime.load(copy)
+    with pytest.raises(BundleError, match="external file"):
+        bundle_mod.load(copy).piece_model("head")
+
+
+def test_a_cached_graph_with_external_data_is_refused(copy):
+    """The engine cache travels with the bundle: a cached graph is checked like a piece."""
+    import hashlib
+
+    import onnx
+    runtime.build(copy)
+    folder = next((copy / "engines").iterdir())
+    index = json.loads((folder / "index.json").read_text())
+    path = folder / index["pieces"]["head"]["file"]
+    model = onnx.load(str(path))
+    _external(model.graph.initializer[0], "../../../secret.bin")
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    index["pieces"]["head"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(BundleError, match="engine for piece 'head'.*external file"):
+        runtime.load(copy)

@@ -39,7 +39,7 @@ from adaedge.verify import verify
 from .test_tada import tiny_tada
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_TRT = trt_backend.trt is not None and torch.cuda.is_available()
+HAVE_TRT = trt_backend.load_tensorrt() is not None and torch.cuda.is_available()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and a CUDA GPU")
 
 
@@ -167,7 +167,7 @@ def test_keys_cover_what_an_engine_depends_on():
         assert changed != base and trt_backend.key_digest(changed) != trt_backend.key_digest(base)
 
 
-@pytest.mark.skipif(trt_backend.trt is not None, reason="TensorRT is installed here")
+@pytest.mark.skipif(trt_backend.load_tensorrt() is not None, reason="TensorRT is installed here")
 def test_without_tensorrt_the_backend_says_how_to_install_it(tiny_bundle, capsys):
     from adaedge.cli import main
     with pytest.raises(BackendUnavailable, match="pip install tensorrt.*Jetson"):
@@ -288,3 +288,32 @@ def test_batch_profile_groups_by_branch_and_fp16_stays_close(tmp_path, tiny):
     half = load(tmp_path / "b", "tensorrt", precision="fp16").classify(x, force="static")
     ref = load(tmp_path / "b").classify(x, force="static")
     assert np.abs(half.scores - ref.scores).max() <= 1e-2 * np.abs(ref.scores).max()
+
+
+@needs_trt
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("nvcc") is None,
+                    reason="needs cmake and nvcc to build the plugin library")
+def test_plugins_take_the_custom_nodes_in_fp32_and_fp16(tmp_path):
+    """Build the plugin library, then run a TAda2D bundle whose CalibratedConv nodes the plugin
+    implements: fp32 verifies against the reference; fp16 (plugins in float32 inside a float16
+    graph) stays within 1e-2; a second backend in the process reuses the loaded library."""
+    from .test_plugins import PLUGINS, TRT_INCLUDE
+    if TRT_INCLUDE is None:
+        pytest.skip("TensorRT's headers were not found")
+    build = tmp_path / "plugins"
+    subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build),
+                    f"-DTENSORRT_INCLUDE_DIR={TRT_INCLUDE}"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True)
+    lib = str(build / "libadaedge_plugins.so")
+    model = tiny_tada(seed=4)
+    models.save_checkpoint(model, tmp_path / "ckpt.pt")
+    export(model, tmp_path / "b", weights={"source": "test"})
+    report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt", backend="tensorrt",
+                    plugins=lib)
+    assert report.ok, [c.to_json() for c in report.cases if not c.ok]
+    x = np.random.default_rng(0).standard_normal(
+        [2] + load_bundle(tmp_path / "b").manifest.full_clip_shape).astype(np.float32)
+    ref = load(tmp_path / "b").classify(x).scores
+    half = load(tmp_path / "b", "tensorrt", precision="fp16", plugins=lib)
+    assert "CalibratedConv" in half.backend.plugin_ops
+    assert np.abs(half.classify(x).scores - ref).max() <= 1e-2 * np.abs(ref).max()

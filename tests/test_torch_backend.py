@@ -171,4 +171,4 @@ def test_cuda_graph_replays_do_not_alias_outputs(tiny_bundle):
     x = varied_clips(8).numpy()
     cpu, gpu = load(tiny_bundle).classify(x), rt.classify(x)
     assert [t.branches for t in cpu.traces] == [t.branches for t in gpu.traces]
-    assert close(gpu.scores, cpu.scores) <= 1e-3      # TF32 and cuDNN's algorithms
+    assert close(gpu.scores, cpu.scores) <= RTOL       # TF32 is off: float32 throughout

@@ -14,7 +14,7 @@ precision, the plugin library's hash) covers what they do.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Set
+from typing import Dict, Iterable, List, Set
 
 import numpy as np
 import onnx
@@ -65,21 +65,38 @@ def _half(t: TensorProto) -> TensorProto:
     return numpy_helper.from_array(half, t.name)
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float16(model: onnx.ModelProto, keep_float32: Iterable[str] = ()) -> onnx.ModelProto:
     """A float16 copy of ``model`` (custom ops already mapped or inlined): float32 weights,
     constants and casts become float16; float32 inputs are cast to float16 on entry and float32
-    outputs back on exit, so the piece's interface does not change."""
+    outputs back on exit, so the piece's interface does not change.
+
+    Custom nodes (domain ``adaedge``) whose op is in ``keep_float32`` stay float32 (TensorRT
+    plugins that take and return float32 only): their inputs are cast to float32, the weights
+    only they read keep their float32 values, and their outputs are cast back to float16.
+    """
     if model.functions:
         from onnx import inliner
         model = inliner.inline_local_functions(model)
+    keep = set(keep_float32)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    plugin_nodes = [n for n in g.node if n.domain == CUSTOM_DOMAIN and n.op_type in keep]
+    readers: Dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    plugin_reads = {name for n in plugin_nodes for name in n.input}
+    float32_weights = {init.name for init in g.initializer
+                       if init.name in plugin_reads and readers.get(init.name) ==
+                       sum(list(n.input).count(init.name) for n in plugin_nodes)}
     for i, init in enumerate(g.initializer):
-        if init.data_type == TensorProto.FLOAT:
+        if init.data_type == TensorProto.FLOAT and init.name not in float32_weights:
             g.initializer[i].CopyFrom(_half(init))
     ins = {i.name for i in g.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
     outs = {o.name for o in g.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
+    if ins & outs:
+        raise ValueError(f"graph outputs {sorted(ins & outs)} are also inputs")
     half = {name: name + "__f16" for name in ins | outs}    # the float16 value inside the graph
     nodes: List[onnx.NodeProto] = [
         helper.make_node("Cast", [name], [half[name]], to=TensorProto.FLOAT16,
@@ -95,9 +112,10 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
                     a.i = TensorProto.FLOAT16
         node.input[:] = [half.get(i, i) for i in node.input]
         node.output[:] = [half.get(o, o) for o in node.output]
-        nodes.append(node)
-    if ins & outs:
-        raise ValueError(f"graph outputs {sorted(ins & outs)} are also inputs")
+        if node.domain == CUSTOM_DOMAIN and node.op_type in keep:
+            nodes.extend(_float32_island(node, float32_weights))
+        else:
+            nodes.append(node)
     for name in sorted(outs):
         nodes.append(helper.make_node("Cast", [half[name]], [name], to=TensorProto.FLOAT,
                                       name=f"{name}__to_f32"))
@@ -105,6 +123,29 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(nodes)
     del g.value_info[:]
     return onnx.shape_inference.infer_shapes(out)
+
+
+def _float32_island(node: onnx.NodeProto, float32_weights: Set[str]) -> List[onnx.NodeProto]:
+    """``node`` with float32 I/O inside a float16 graph: Casts to float32 before (weights that
+    stayed float32 are read as they are) and back to float16 after."""
+    before, inputs = [], []
+    for name in node.input:
+        if not name or name in float32_weights:
+            inputs.append(name)
+            continue
+        cast = f"{name}__f32_for_{node.name}"
+        before.append(helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT,
+                                       name=f"{cast}__cast"))
+        inputs.append(cast)
+    node.input[:] = inputs
+    after, outputs = [], []
+    for name in node.output:
+        wide = f"{name}__f32"
+        after.append(helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16,
+                                      name=f"{wide}__cast"))
+        outputs.append(wide)
+    node.output[:] = outputs
+    return before + [node] + after
 
 
 __all__ = ["PLUGIN_OPS", "custom_ops", "map_custom_ops", "has_qdq", "to_float16"]

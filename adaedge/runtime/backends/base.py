@@ -28,7 +28,7 @@ class BackendOption:
     """One option of a backend: a keyword of its constructor and a flag of the CLI.
 
     ``flag`` defaults to ``--<name with dashes>``; ``negate`` makes a ``--no-...`` flag that
-    passes False.
+    passes False, ``switch`` a flag that passes True.
     """
 
     name: str
@@ -37,6 +37,7 @@ class BackendOption:
     choices: Optional[Sequence[Any]] = None
     flag: Optional[str] = None
     negate: bool = False
+    switch: bool = False
 
     @property
     def cli_flag(self) -> str:
@@ -73,6 +74,9 @@ class Backend(ABC):
     def device_info(self) -> Dict[str, Any]:
         """What a benchmark records of the device: at least its ``name``."""
         return {"name": "cpu", "threads": self.threads}
+
+    def close(self) -> None:
+        """Release what the backend holds beyond Python's reach (streams, captured graphs)."""
 
 
 __all__ = ["Backend", "BackendOption", "Executable", "Progress"]

@@ -13,6 +13,8 @@ file loader falls back to unrestricted unpickling, and a bundle is untrusted inp
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -79,21 +81,43 @@ class TorchArrays:
 def export_piece(model: Any, batch_dim: Sequence[bool], example: Sequence[Any]) -> Tuple[Any, bool]:
     """``torch.export`` a translated piece; the batch is dynamic for the inputs that have one.
 
+    ``torch.export`` specialises an example dimension of size 1 to the constant 1 ("0/1
+    specialisation"), so a batch-1 example is traced as a batch of 2 (its rows repeated): the
+    program then takes any batch from 1 to 65536.
+
     Returns ``(callable, dynamic)``: a program whose batch is dynamic when the export allows it,
-    otherwise one exported for ``example``'s shapes.
+    otherwise (with a warning that says why) one exported for ``example``'s shapes.
     """
     torch = _torch()
     n = torch.export.Dim("batch", min=1, max=1 << 16)
     shapes = tuple({0: n} if b else None for b in batch_dim)
     if any(batch_dim):
+        traced = [a.repeat(2, *([1] * (a.dim() - 1))) if b and a.shape[0] == 1 else a
+                  for a, b in zip(example, batch_dim)]
         try:
-            program = torch.export.export(model, tuple(example), dynamic_shapes=(shapes,),
+            program = torch.export.export(model, tuple(traced), dynamic_shapes=(shapes,),
                                           strict=False)
             return program.module(), True
-        except Exception:  # a piece that specialises its batch: export it for this shape
-            pass
+        except Exception as e:  # a piece that specialises its batch: export it for this shape
+            warnings.warn(f"a piece exports with a static batch ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); each batch size gets "
+                          "its own program", stacklevel=2)
     program = torch.export.export(model, tuple(example), strict=False)
     return program.module(), False
+
+
+def exact_float32(torch: Any) -> None:
+    """Convolutions and matrix products in exact float32 on CUDA: cuDNN's TF32 is on by default
+    (the reference's tolerance, 1e-4, would not hold). The legacy flag is the one to set: setting
+    only the newer ``fp32_precision`` makes ``torch.export`` fail in torch 2.9-2.13."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def batch_bucket(n: int) -> int:
+    """The batch a group of ``n`` rows runs at on CUDA graphs: the next power of two, so that
+    grouping a batch by branch captures at most log2(max batch) + 1 graphs per piece."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 class TorchExecutable:
@@ -107,7 +131,7 @@ class TorchExecutable:
         self.output_names = output_names
         self.batch_dim = batch_dim
         self._programs: Dict[Any, Callable[..., Any]] = {}
-        self._graphs: Dict[Any, Tuple[Any, List[Any], List[Any]]] = {}
+        self._graphs: "OrderedDict[Any, Tuple[Any, List[Any], List[Any]]]" = OrderedDict()
         self.dynamic: Optional[bool] = None
 
     def _program(self, args: List[Any]) -> Callable[..., Any]:
@@ -125,9 +149,11 @@ class TorchExecutable:
         return fn
 
     def _graph(self, fn: Callable[..., Any], args: List[Any]) -> Tuple[Any, List[Any], List[Any]]:
+        """The captured graph for these input shapes (least recently used ones beyond the
+        backend's ``graph_cache`` limit are reset, which frees their private memory pools)."""
         torch = self.backend.torch
         key = tuple(tuple(a.shape) for a in args)
-        entry = self._graphs.get(key)
+        entry = self._graphs.pop(key, None)
         if entry is None:
             static_in = [a.clone() for a in args]
             side = torch.cuda.Stream()
@@ -140,8 +166,33 @@ class TorchExecutable:
             with torch.cuda.graph(graph):
                 static_out = list(fn(*static_in))
             entry = (graph, static_in, static_out)
-            self._graphs[key] = entry
+        self._graphs[key] = entry                       # most recently used last
+        while len(self._graphs) > self.backend.graph_cache:
+            _, (old, _, _) = self._graphs.popitem(last=False)
+            torch.cuda.current_stream().synchronize()
+            old.reset()
         return entry
+
+    def close(self) -> None:
+        """Reset every captured graph (their memory returns to PyTorch's allocator)."""
+        for graph, _, _ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+
+    def _padded(self, args: List[Any]) -> Tuple[List[Any], int, int]:
+        """Batched inputs padded with zero rows to the batch's bucket (rows are independent in
+        every piece, so padding never changes the real rows): the inputs, the real row count
+        and the padded one (equal when nothing was padded)."""
+        rows = {a.shape[0] for a, b in zip(args, self.batch_dim) if b}
+        if len(rows) != 1:
+            return args, 0, 0
+        n = rows.pop()
+        size = batch_bucket(n)
+        if size == n:
+            return args, n, n
+        torch = self.backend.torch
+        return [torch.cat([a, a.new_zeros((size - n,) + tuple(a.shape[1:]))]) if b else a
+                for a, b in zip(args, self.batch_dim)], n, size
 
     def run(self, feeds: Mapping[str, Any]) -> Dict[str, Any]:
         torch = self.backend.torch
@@ -152,12 +203,15 @@ class TorchExecutable:
         with torch.inference_mode():
             fn = self._program(args)
             if self.backend.cuda_graphs:
+                args, real, size = self._padded(args) if self.dynamic else (args, 0, 0)
                 graph, static_in, static_out = self._graph(fn, args)
                 for s, a in zip(static_in, args):
                     s.copy_(a)
                 graph.replay()
-                # the next replay overwrites the graph's outputs: hand out copies
-                outs = [o.clone() for o in static_out]
+                # the next replay overwrites the graph's outputs: hand out copies (of the real
+                # rows, where the batch was padded)
+                outs = [(o[:real] if real != size and o.dim() and o.shape[0] == size else o)
+                        .clone() for o in static_out]
             else:
                 outs = list(fn(*args))
         return dict(zip(self.output_names, outs))
@@ -184,8 +238,14 @@ class TorchBackend(Backend):
     summary: ClassVar[str] = "PyTorch"
 
     def __init__(self, device: str = "cuda", cuda_graphs: Optional[bool] = None,
-                 export: bool = True, threads: Optional[int] = None) -> None:
+                 export: bool = True, threads: Optional[int] = None, tf32: bool = False,
+                 graph_cache: int = 8) -> None:
         self.torch = _torch()
+        self.tf32 = tf32
+        if graph_cache < 1:
+            raise UsageError("graph_cache must be at least 1")
+        self.graph_cache = graph_cache
+        self.executables: List[TorchExecutable] = []
         if threads is not None:
             if threads < 1:
                 raise UsageError("threads must be at least 1")
@@ -206,11 +266,14 @@ class TorchBackend(Backend):
         self.arrays = TorchArrays(device)
         if device.startswith("cuda"):
             self.torch.backends.cudnn.benchmark = True
+            if not tf32:
+                exact_float32(self.torch)
 
     def device_info(self) -> Dict[str, Any]:
         """What the benchmark records of the device: PyTorch and, on CUDA, the GPU."""
         torch = self.torch
-        info: Dict[str, Any] = {"torch": torch.__version__, "cuda_graphs": self.cuda_graphs}
+        info: Dict[str, Any] = {"torch": torch.__version__, "cuda_graphs": self.cuda_graphs,
+                                "tf32": self.tf32}
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(torch.device(self.device))
             info.update(name=props.name, compute_capability=f"{props.major}.{props.minor}",
@@ -232,8 +295,20 @@ class TorchBackend(Backend):
         except UnsupportedPiece as e:
             raise BundleError(f"piece {piece!r} cannot run on {self.name}: {e}") from None
         batch_dim = [bool(t.shape) and isinstance(t.shape[0], str) for t in spec.inputs]
-        return TorchExecutable(self, module, [t.name for t in spec.inputs],
-                               [t.name for t in spec.outputs], batch_dim)
+        exe = TorchExecutable(self, module, [t.name for t in spec.inputs],
+                              [t.name for t in spec.outputs], batch_dim)
+        self.executables.append(exe)
+        return exe
+
+    def close(self) -> None:
+        """Reset every captured CUDA graph and hand the cached memory back to the driver."""
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+        for exe in self.executables:
+            exe.close()
+        self.executables.clear()
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
 
     def build(self, bundle: Bundle, progress: Progress = None) -> Path:
         """Translate and export every piece once and run it on zeros, so that a bundle this
@@ -260,11 +335,17 @@ class TorchCudaBackend(TorchBackend):
     options: ClassVar[Tuple[BackendOption, ...]] = (
         BackendOption("cuda_graphs", "launch each piece's kernels instead of replaying a CUDA "
                       "graph", flag="--no-cuda-graphs", negate=True),
+        BackendOption("tf32", "allow TF32 convolutions (faster on Ampere and newer, about 1e-3 "
+                              "relative error: verify then needs --rtol 1e-2)", switch=True),
+        BackendOption("graph_cache", "CUDA graphs kept per piece (default 8; batches are padded "
+                                     "to powers of two, so 8 serves batches up to 128)",
+                      _positive),
     )
 
     def __init__(self, cuda_graphs: Optional[bool] = None, export: bool = True,
-                 device: str = "cuda") -> None:
-        super().__init__(device=device, cuda_graphs=cuda_graphs, export=export)
+                 device: str = "cuda", tf32: bool = False, graph_cache: int = 8) -> None:
+        super().__init__(device=device, cuda_graphs=cuda_graphs, export=export, tf32=tf32,
+                         graph_cache=graph_cache)
 
 
 class TorchCpuBackend(TorchBackend):

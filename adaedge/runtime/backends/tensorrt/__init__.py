@@ -23,6 +23,9 @@ TensorRT cannot be installed on adaedge's CI, so this module is checked statical
 
 from __future__ import annotations
 
+import os
+import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -168,11 +171,15 @@ class TensorRTBackend(Backend):
                                  "CheapFill and CalibratedConv nodes to"),
         BackendOption("cuda", "the CUDA wrapper for device memory (default: the first installed)",
                       choices=("cuda-python", "polygraphy", "pycuda")),
+        BackendOption("version_compatible", "build version-compatible engines (TensorRT 8.6+), "
+                      "which the lean runtime (tensorrt_lean) and later TensorRT versions run; "
+                      "they embed host code, so load only engines you built", switch=True),
     )
 
     def __init__(self, precision: str = "fp32", max_batch: int = 1,
                  plugins: Optional[str] = None, cuda: Optional[str] = None,
-                 workspace_mib: int = 1024, driver: Optional[Driver] = None) -> None:
+                 version_compatible: bool = False, workspace_mib: int = 1024,
+                 driver: Optional[Driver] = None) -> None:
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if max_batch < 1:
@@ -186,47 +193,58 @@ class TensorRTBackend(Backend):
         self.precision = precision
         self.max_batch = max_batch
         self.workspace = workspace_mib << 20
+        # the lean runtime (tensorrt_lean) has no builder and runs only version-compatible engines
+        self.lean = not self._can_build()
+        self.version_compatible = bool(version_compatible) or self.lean
+        if self.version_compatible and not hasattr(trt.BuilderFlag, "VERSION_COMPATIBLE") \
+                and not self.lean:
+            raise BackendUnavailable(f"TensorRT {self.version} cannot build version-compatible "
+                                     "engines (TensorRT 8.6 and newer can)")
         self.driver = driver if driver is not None else open_driver(cuda)
         self.arrays = CudaArrays(self.driver)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if self.version_compatible:
+            # a version-compatible plan carries the lean runtime as host code, which TensorRT
+            # runs only when allowed (as trtexec does for such plans)
+            self.runtime.engine_host_code_allowed = True
         self.plugins_sha256: Optional[str] = None
         self.plugin_ops: List[str] = []
+        self.notes: List[str] = []
         if plugins is not None:
-            self._load_plugins(plugins)
+            if version_tuple(self.version) < (10,):
+                # IPluginV3 is TensorRT 10+: on 8.6 (JetPack 6.0) custom nodes run their bodies
+                note = (f"TensorRT {self.version} has no IPluginV3 (10.0+): adaedge's plugins "
+                        "cannot load, so custom nodes run their standard-op bodies")
+                warnings.warn(note, stacklevel=2)
+                self.notes.append(note)
+            else:
+                self.plugin_ops, self.plugins_sha256 = load_plugin_library(
+                    trt.get_plugin_registry(), plugins)
         self.device = self.driver.device()
-
-    # -- plugins ------------------------------------------------------------------------------
-    def _load_plugins(self, path: str) -> None:
-        lib = Path(path)
-        if not lib.is_file():
-            raise BackendUnavailable(f"plugin library {lib} does not exist; build it with "
-                                     "'cmake -S adaedge/plugins -B build && cmake --build build'")
-        registry = trt.get_plugin_registry()
-        handle = registry.load_library(str(lib))
-        if handle is None:
-            raise BackendUnavailable(f"TensorRT could not load the plugin library {lib}")
-        self.plugins_sha256 = sha256_file(lib)
-        creators = getattr(registry, "all_creators", None) or \
-            getattr(registry, "plugin_creator_list", [])
-        names = {c.name for c in creators}
-        self.plugin_ops = [op for op in PLUGIN_OPS if op in names]
 
     # -- info ---------------------------------------------------------------------------------
     def device_info(self) -> Dict[str, Any]:
         return {"name": self.device["name"], "compute_capability": self.device["compute_capability"],
                 "tensorrt": self.version, "precision": self.precision, "cuda": self.driver.name,
-                "plugins": self.plugin_ops}
+                "plugins": self.plugin_ops, "version_compatible": self.version_compatible,
+                "notes": self.notes}
 
     def synchronize(self) -> None:
         self.driver.synchronize()
 
+    def close(self) -> None:
+        self.driver.synchronize()
+        self.driver.close()
+
     def key(self, bundle: Bundle, piece: str) -> Dict[str, Any]:
         return engine_key(bundle.manifest.pieces[piece].sha256, self.version, self.device,
-                          self.precision, self.max_batch, self.plugins_sha256)
+                          self.precision, self.max_batch, self.plugins_sha256,
+                          self.version_compatible)
 
     # -- building -----------------------------------------------------------------------------
-    def _can_build(self) -> bool:
+    @staticmethod
+    def _can_build() -> bool:
         return hasattr(trt, "Builder") and hasattr(trt, "OnnxParser")
 
     def _network_onnx(self, bundle: Bundle, piece: str) -> Tuple[bytes, str]:
@@ -236,7 +254,8 @@ class TensorRTBackend(Backend):
         if precision == "int8" and not has_qdq(model):
             precision = "fp32"         # no Q/DQ: nothing says how to quantise this piece
         if precision == "fp16" and not self._has_flag("FP16"):
-            model = to_float16(model)
+            # plugins run float32: their nodes keep float32 I/O inside the float16 graph
+            model = to_float16(model, keep_float32=self.plugin_ops)
         return model.SerializeToString(), precision
 
     def _has_flag(self, name: str) -> bool:
@@ -267,6 +286,8 @@ class TensorRTBackend(Backend):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
         if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)
+        if self.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         if not strongly_typed:
             if precision == "fp16":
                 config.set_flag(trt.BuilderFlag.FP16)
@@ -313,10 +334,12 @@ class TensorRTBackend(Backend):
         key = self.key(bundle, piece)
         data, why = cache.lookup(piece, key)
         if data is None:
-            if not self._can_build():
-                raise BundleError(f"piece {piece!r} has no usable TensorRT engine: {why}. This "
-                                  "TensorRT cannot build engines; run 'adaedge build --backend "
-                                  "tensorrt' where the full TensorRT is installed")
+            if self.lean:
+                raise BundleError(f"piece {piece!r} has no usable TensorRT engine: {why}. The lean "
+                                  "runtime (tensorrt_lean) cannot build engines and runs only "
+                                  "version-compatible ones: build them where the full TensorRT "
+                                  f"{self.version} is installed with 'adaedge build --backend "
+                                  "tensorrt --version-compatible'")
             data = self.build_engine(bundle, piece)
             cache.store(piece, key, data)
         engine = self.runtime.deserialize_cuda_engine(data)
@@ -329,10 +352,65 @@ class TensorRTBackend(Backend):
                                   [t.name for t in spec.outputs], self.max_batch)
 
 
+# ---------------------------------------------------------------------------------------------
+# the plugin library, once per process
+
+_PLUGIN_LIBRARIES: Dict[str, Tuple[Any, str]] = {}   # resolved path -> (handle or None, sha256)
+_PLUGIN_LOCK = threading.Lock()
+
+
+def registered_plugins(registry: Any) -> List[str]:
+    """adaedge's plugin ops whose creators the registry holds (IPluginV3 creators are found with
+    ``get_creator``, TensorRT 10+; the older lookups see only V1 creators)."""
+    get = getattr(registry, "get_creator", None)
+    if get is None:
+        return []
+    return [op for op in PLUGIN_OPS if get(op, "1", "") is not None]
+
+
+def load_plugin_library(registry: Any, path: str) -> Tuple[List[str], str]:
+    """Load adaedge's plugin library into TensorRT's registry once per process; returns the ops
+    it provides and the SHA-256 of the library file.
+
+    TensorRT's ``load_library`` fails (returns None) when the plugins are already registered, so a
+    second backend in the same process reuses the first load. Two different libraries cannot
+    both provide the ops: the second is refused, as is a library that changed since it was loaded.
+    """
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        raise BackendUnavailable(f"plugin library {path} does not exist; build it with "
+                                 "'cmake -S adaedge/plugins -B build/plugins && cmake --build "
+                                 "build/plugins'")
+    sha = sha256_file(real)
+    with _PLUGIN_LOCK:
+        loaded = _PLUGIN_LIBRARIES.get(real)
+        if loaded is not None and loaded[1] != sha:
+            raise BackendUnavailable(f"plugin library {real} changed since this process loaded "
+                                     "it; restart the process to load the new one")
+        if loaded is None:
+            if any(other != sha for _, other in _PLUGIN_LIBRARIES.values()):
+                raise BackendUnavailable(f"another adaedge plugin library is already loaded in "
+                                         f"this process; TensorRT cannot hold two ({real})")
+            if registered_plugins(registry):     # loaded by other means (trtexec-style preload)
+                handle = None
+            else:
+                handle = registry.load_library(real)
+                if handle is None:
+                    raise BackendUnavailable(f"TensorRT could not load the plugin library {real} "
+                                             "(see TensorRT's log above)")
+            _PLUGIN_LIBRARIES[real] = (handle, sha)
+        ops = registered_plugins(registry)
+    if not ops:
+        raise BackendUnavailable(f"plugin library {real} registered none of adaedge's plugins "
+                                 f"({', '.join(PLUGIN_OPS)})")
+    return ops, sha
+
+
 def custom_nodes(bundle: Bundle) -> Dict[str, Sequence[str]]:
     """The custom ops of each piece (what a plugin library can take over)."""
     return {name: sorted(custom_ops(bundle.piece_model(name))) for name in bundle.manifest.pieces}
 
 
 __all__ = ["TensorRTBackend", "TensorRTExecutable", "EngineCache", "CACHE", "engine_key",
+           "load_plugin_library", "registered_plugins",
            "key_digest", "key_difference", "load_tensorrt", "custom_nodes", "PRECISIONS", "MISSING"]

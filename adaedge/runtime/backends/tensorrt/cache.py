@@ -20,12 +20,13 @@ CACHE = "tensorrt"
 
 
 def engine_key(onnx_sha256: str, tensorrt: str, device: Mapping[str, Any], precision: str,
-               max_batch: int, plugins_sha256: Optional[str]) -> Dict[str, Any]:
+               max_batch: int, plugins_sha256: Optional[str],
+               version_compatible: bool = False) -> Dict[str, Any]:
     """Everything an engine depends on; two engines are interchangeable when keys are equal."""
     return {"onnx_sha256": onnx_sha256, "tensorrt": tensorrt, "gpu": device["name"],
             "compute_capability": device["compute_capability"], "precision": precision,
             "max_batch": int(max_batch), "plugins_sha256": plugins_sha256 or "none",
-            "adaedge": __version__}
+            "version_compatible": bool(version_compatible), "adaedge": __version__}
 
 
 def key_digest(key: Mapping[str, Any]) -> str:

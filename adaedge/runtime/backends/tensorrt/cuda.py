@@ -5,7 +5,8 @@ device, device to host, device to device) on a stream, and wait for the stream. 
 names them; three implementations wrap the libraries users have:
 
 * ``cuda-python`` (NVIDIA's bindings, ``pip install cuda-python``), preferred: stream-ordered
-  allocation (``cudaMallocAsync``), so freeing a value never waits for the GPU;
+  allocation (``cudaMallocAsync``) where the device has memory pools, so freeing a value never
+  waits for the GPU (``cudaMalloc`` where it has none);
 * Polygraphy's CUDA helpers (``pip install polygraphy``; ships with TensorRT's Python tools);
 * PyCUDA, where a user already has it (JetPack images often do).
 
@@ -46,9 +47,31 @@ class Driver(Protocol):
         """{"name", "compute_capability"} of the current device."""
         ...
 
+    def close(self) -> None:
+        """Release the stream (the driver is not used afterwards)."""
+        ...
+
 
 class CudaError(RuntimeError):
     pass
+
+
+def self_test(driver: Driver) -> None:
+    """A round trip through the driver (allocate, copy in, copy across, copy out, free), so that a
+    wrapper that cannot work here fails when it is opened, not at the first piece."""
+    src = np.arange(16, dtype=np.uint8)
+    back = np.zeros(16, dtype=np.uint8)
+    a, b = driver.malloc(16), driver.malloc(16)
+    try:
+        driver.copy(a, src.ctypes.data, 16, H2D)
+        driver.copy(b, a, 16, D2D)
+        driver.copy(back.ctypes.data, b, 16, D2H)
+        driver.synchronize()
+    finally:
+        driver.free(a)
+        driver.free(b)
+    if not np.array_equal(src, back):
+        raise CudaError(f"the {driver.name} driver's copies do not round-trip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +85,18 @@ class CudaPythonDriver:
             from cuda.bindings import runtime as cudart         # cuda-python >= 12.6
         except ImportError:
             try:
-                from cuda import cudart  # type: ignore[no-redef]   # older cuda-python
+                from cuda import cudart  # type: ignore[no-redef]   # cuda-python 12.0-12.5
             except ImportError as e:
                 raise BackendUnavailable(f"cuda-python is not installed ({e})") from None
         self.rt = cudart
         self.stream = int(self._check(cudart.cudaStreamCreate(), "cudaStreamCreate"))
+        # stream-ordered allocation needs memory pools (cudaMallocAsync returns
+        # cudaErrorNotSupported on devices and drivers without them)
+        dev = self._check(cudart.cudaGetDevice(), "cudaGetDevice")
+        attr = getattr(getattr(cudart, "cudaDeviceAttr", None), "cudaDevAttrMemoryPoolsSupported",
+                       None)
+        self.stream_ordered = attr is not None and bool(self._check(
+            cudart.cudaDeviceGetAttribute(attr, dev), "cudaDeviceGetAttribute"))
 
     def _check(self, result: Any, what: str) -> Any:
         err = result[0] if isinstance(result, tuple) else result
@@ -77,11 +107,20 @@ class CudaPythonDriver:
         return None
 
     def malloc(self, nbytes: int) -> int:
-        return int(self._check(self.rt.cudaMallocAsync(max(nbytes, 1), self.stream),
-                               "cudaMallocAsync"))
+        if self.stream_ordered:
+            return int(self._check(self.rt.cudaMallocAsync(max(nbytes, 1), self.stream),
+                                   "cudaMallocAsync"))
+        return int(self._check(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
 
     def free(self, ptr: int) -> None:
-        self.rt.cudaFreeAsync(ptr, self.stream)
+        if self.stream_ordered:
+            self.rt.cudaFreeAsync(ptr, self.stream)
+        else:       # not stream-ordered: wait until the stream no longer reads the block
+            self.rt.cudaStreamSynchronize(self.stream)
+            self.rt.cudaFree(ptr)
+
+    def close(self) -> None:
+        self.rt.cudaStreamDestroy(self.stream)
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
         self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind(kind),
@@ -122,6 +161,9 @@ def _driver_api_device() -> Dict[str, Any]:
     return {"name": buf.value.decode(), "compute_capability": f"{major.value}.{minor.value}"}
 
 
+_POLYGRAPHY_KINDS = {H2D: "HostToDevice", D2H: "DeviceToHost", D2D: "DeviceToDevice"}
+
+
 class PolygraphyDriver:
     name = "polygraphy"
 
@@ -142,13 +184,19 @@ class PolygraphyDriver:
         self.wrapper.free(ptr)
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        self.wrapper.memcpy(dst, src, nbytes, self.cuda.MemcpyKind(kind), self.stream)
+        # Polygraphy's MemcpyKind is a class of ctypes.c_int constants (not an enum): pick the
+        # constant by name; memcpy hands it to cudaMemcpyAsync as it is
+        self.wrapper.memcpy(dst, src, nbytes, getattr(self.cuda.MemcpyKind, _POLYGRAPHY_KINDS[kind]),
+                            self.stream)
 
     def synchronize(self) -> None:
         self._stream.synchronize()
 
     def device(self) -> Dict[str, Any]:
         return _driver_api_device()
+
+    def close(self) -> None:
+        self._stream.free()        # Polygraphy never destroys a stream by itself
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +244,9 @@ class PyCudaDriver:
         major, minor = dev.compute_capability()
         return {"name": dev.name(), "compute_capability": f"{major}.{minor}"}
 
+    def close(self) -> None:
+        self._stream = None
+
 
 # ---------------------------------------------------------------------------------------------
 # host memory (tests, and the row arithmetic without a GPU)
@@ -227,6 +278,9 @@ class HostDriver:
     def device(self) -> Dict[str, Any]:
         return {"name": "host memory", "compute_capability": "0.0"}
 
+    def close(self) -> None:
+        pass
+
     @property
     def live_blocks(self) -> int:
         return len(self._blocks)
@@ -236,18 +290,41 @@ _DRIVERS = {"cuda-python": CudaPythonDriver, "polygraphy": PolygraphyDriver,
             "pycuda": PyCudaDriver}
 
 
-def open_driver(name: Optional[str] = None) -> Driver:
-    """The named CUDA wrapper, or the first one installed (cuda-python, Polygraphy, PyCUDA)."""
+def open_driver(name: Optional[str] = None,
+                drivers: Optional[Dict[str, Any]] = None) -> Driver:
+    """The named CUDA wrapper, or the first one installed that passes a round trip
+    (:func:`self_test`): cuda-python, Polygraphy, PyCUDA. A wrapper that is installed but fails
+    (a broken install, an API it does not have) is skipped, and its reason kept for the message
+    if none works."""
+    drivers = _DRIVERS if drivers is None else drivers
     if name is not None:
-        if name not in _DRIVERS:
-            raise UsageError(f"unknown CUDA wrapper {name!r}; choose from {', '.join(_DRIVERS)}")
-        return cast(Driver, _DRIVERS[name]())
+        if name not in drivers:
+            raise UsageError(f"unknown CUDA wrapper {name!r}; choose from {', '.join(drivers)}")
+        order = [name]
+    else:
+        order = list(drivers)
     problems: List[str] = []
-    for cls in _DRIVERS.values():
+    for key in order:
         try:
-            return cast(Driver, cls())
+            driver = cast(Driver, drivers[key]())
         except BackendUnavailable as e:
             problems.append(str(e))
+            continue
+        except Exception as e:   # installed, but unusable here
+            problems.append(f"{key} failed to start: {type(e).__name__}: {e}")
+            continue
+        try:
+            self_test(driver)
+        except Exception as e:
+            problems.append(f"{key} failed its first copies: {type(e).__name__}: {e}")
+            try:
+                driver.close()
+            except Exception:
+                pass
+            continue
+        return driver
+    if name is not None:
+        raise BackendUnavailable(f"the CUDA wrapper {name} cannot be used: {problems[0]}")
     raise BackendUnavailable("the tensorrt backend needs one CUDA wrapper: "
                              "'pip install cuda-python' (or Polygraphy, or PyCUDA); "
                              + "; ".join(problems))
@@ -291,8 +368,11 @@ class CudaArrays:
         out = DeviceArray(self.driver, a.shape, a.dtype)
         if out.nbytes:
             self.driver.copy(out.ptr, a.ctypes.data, out.nbytes, H2D)
-            # pageable host memory is staged before cudaMemcpyAsync returns; wait anyway so
-            # that ``a`` may be freed or changed by the caller right away
+            # An asynchronous copy from pageable host memory has no documented guarantee that
+            # the source may be reused when the call returns (CUDA runtime API, "API
+            # synchronization behavior"): wait, so that ``a`` may be freed or changed right away.
+            # The runtime uploads once per call (the clips); values between pieces never leave
+            # the device.
             self.driver.synchronize()
         return out
 
