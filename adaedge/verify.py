@@ -10,6 +10,10 @@ reference's prediction at that stage. A stream bundle (AdaFuse) is fed clips of 
 one frame at a time, with free decisions and under each stored policy; every value named after a
 reference module is compared at every frame, then the final scores.
 
+Where the backend runs the program compiled into one graph for single clips
+(:mod:`adaedge.runtime.compile`, ONNX Runtime), every case is run that way too, one clip per call:
+the scores against the reference, and with free gates the branches against the pieces' run.
+
 Tolerance (float32): max |runtime - reference| <= rtol * max |reference| per value, rtol = 1e-4
 (:func:`relative_error`).
 
@@ -203,6 +207,8 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
             if progress:
                 progress(k, len(policies), policy or "free")
             report.cases.append(compare_stream(runtime, model, x, policy, rtol))
+            if runtime.backend.runs_graphs:
+                report.cases.append(compare_compiled_stream(runtime, model, x, policy, rtol))
         if progress:
             progress(len(policies), len(policies), "done")
         return report
@@ -223,9 +229,78 @@ def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = No
         if progress:
             progress(len(cases) + k, total, exit_name)
         report.cases.append(compare_exit(runtime, model, x, exit_name, k, rtol))
+    if runtime.backend.runs_graphs:
+        for name, force in cases:
+            report.cases.append(compare_compiled(runtime, model, x, force, name, rtol))
+        for k, exit_name in enumerate(exits):
+            report.cases.append(compare_compiled_exit(runtime, model, x, k, rtol))
     if progress:
         progress(total, total, "done")
     return report
+
+
+def _reference_logits(model: Any, clips: np.ndarray, force: Optional[int]) -> np.ndarray:
+    import torch
+    set_policy = getattr(model, "set_policy", None)
+    try:
+        if set_policy is not None:
+            set_policy(force)
+        with torch.no_grad():
+            return model(torch.from_numpy(clips)).numpy().astype(np.float64)
+    finally:
+        if set_policy is not None:
+            set_policy(None)
+
+
+def compare_compiled(runtime: Runtime, model: Any, clips: np.ndarray, force: Optional[int],
+                     name: str, rtol: float = RTOL) -> CaseResult:
+    """One case on the compiled program, one clip per call: scores against the reference, and
+    the branches (free gates) against the pieces' run of the same clips."""
+    name = f"{name} (compiled, one clip per call)"
+    ref = _reference_logits(model, clips, force)
+    pieces = runtime.classify(clips, force=force, exits=False) if force is None else None
+    worst = 0.0
+    for i in range(clips.shape[0]):
+        r = runtime.classify(clips[i:i + 1], force=force, exits=False)
+        if r.traces[0].steps[0].piece != "compiled":
+            return CaseResult(name, False, worst, "the runtime did not run the compiled program")
+        err = relative_error(r.scores, ref[i:i + 1])
+        worst = max(worst, err)
+        if pieces is not None and r.traces[0].branches != pieces.traces[i].branches:
+            return CaseResult(name, False, worst, f"clip {i}: the compiled program chose "
+                              f"{r.traces[0].branches}, the pieces {pieces.traces[i].branches}")
+        if not err <= rtol:
+            return CaseResult(name, False, worst, f"clip {i}: scores differ: relative error "
+                              f"{err:.3g} > {rtol:g}")
+    return CaseResult(name, True, worst)
+
+
+def compare_compiled_exit(runtime: Runtime, model: Any, clips: np.ndarray, index: int,
+                          rtol: float = RTOL) -> CaseResult:
+    """The compiled program with thresholds that stop every clip at exit ``index``."""
+    import torch
+
+    from .runtime.compile import EXIT, SCORES
+    steps = runtime.manifest.exits()
+    name = f"every clip exits at {steps[index].name} (compiled, one clip per call)"
+    never = {"entropy": -1.0, "max_prob": 2.0}
+    always = {"entropy": float("inf"), "max_prob": -1.0}
+    thresholds = {s.name: (always if k == index else never)[s.criterion]
+                  for k, s in enumerate(steps)}
+    exe = runtime.compiled({}, thresholds)
+    with torch.no_grad():
+        ref = model.stage_logits(torch.from_numpy(clips))[index].numpy().astype(np.float64)
+    worst = 0.0
+    for i in range(clips.shape[0]):
+        out = exe.run({runtime.manifest.input["name"]: clips[i:i + 1]})
+        if int(out[EXIT].reshape(-1)[0]) != index:
+            return CaseResult(name, False, worst, f"clip {i} did not stop at {steps[index].name}")
+        err = relative_error(out[SCORES], ref[i:i + 1])
+        worst = max(worst, err)
+        if not err <= rtol:
+            return CaseResult(name, False, worst, f"clip {i}: scores differ: relative error "
+                              f"{err:.3g} > {rtol:g}")
+    return CaseResult(name, True, worst)
 
 
 def compare_stream(runtime: Runtime, model: Any, clips: np.ndarray,
@@ -272,6 +347,32 @@ def compare_stream(runtime: Runtime, model: Any, clips: np.ndarray,
     return CaseResult(name, True, worst)
 
 
+def compare_compiled_stream(runtime: Runtime, model: Any, clips: np.ndarray,
+                            policy: Optional[str], rtol: float = RTOL) -> CaseResult:
+    """Each stream alone (one stream per call, so the compiled program runs), frame by frame from
+    zero state: the scores after the last frame against the reference."""
+    import torch
+    name = ("stream, free decisions" if policy is None else f"stream, every switch by {policy!r}") \
+        + " (compiled, one stream per call)"
+    with torch.no_grad():
+        ref = model(torch.from_numpy(clips)).numpy().astype(np.float64)
+    worst = 0.0
+    for i in range(clips.shape[0]):
+        state = runtime.initial_state(1)
+        for t in range(clips.shape[2]):
+            r = runtime.classify(clips[i:i + 1, :, t:t + 1], force=policy, state=state)
+            state = r.state
+            if r.traces[0].steps[0].piece != "compiled":
+                return CaseResult(name, False, worst, "the runtime did not run the compiled "
+                                  "program")
+        err = relative_error(r.scores, ref[i:i + 1])
+        worst = max(worst, err)
+        if not err <= rtol:
+            return CaseResult(name, False, worst, f"stream {i}: scores after {clips.shape[2]} "
+                              f"frames differ: relative error {err:.3g} > {rtol:g}")
+    return CaseResult(name, True, worst)
+
+
 def compare_exit(runtime: Runtime, model: Any, clips: np.ndarray, exit_name: str,
                  index: int, rtol: float = RTOL) -> CaseResult:
     """Every clip stopped at exit step ``exit_name``: its scores against the reference's
@@ -294,5 +395,6 @@ def compare_exit(runtime: Runtime, model: Any, clips: np.ndarray, exit_name: str
     return CaseResult(name, True, err)
 
 
-__all__ = ["verify", "compare", "compare_stream", "compare_exit", "reference_model",
+__all__ = ["verify", "compare", "compare_stream", "compare_exit", "compare_compiled",
+           "compare_compiled_exit", "compare_compiled_stream", "reference_model",
            "relative_error", "Report", "CaseResult", "RTOL"]

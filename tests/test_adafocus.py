@@ -101,14 +101,18 @@ def test_verify_checks_every_exit(tmp_path):
     export(model, tmp_path / "b", weights={"source": "test"})
     report = verify(tmp_path / "b", checkpoint=tmp_path / "ckpt.pt")
     assert report.ok
-    assert [c.name for c in report.cases][1:] == ["every clip exits at exit0",
-                                                  "every clip exits at exit1"]
+    assert [c.name for c in report.cases][1:] == [
+        "every clip exits at exit0", "every clip exits at exit1",
+        "free gates (compiled, one clip per call)",
+        "every clip exits at exit0 (compiled, one clip per call)",
+        "every clip exits at exit1 (compiled, one clip per call)"]
     with torch.no_grad():
         model.classifier.classifiers[0][1].bias.add_(1.0)   # only stage 1's prediction changes
     models.save_checkpoint(model, tmp_path / "changed.pt")
     bad = verify(tmp_path / "b", checkpoint=tmp_path / "changed.pt")
     failed = [c.name for c in bad.cases if not c.ok]
-    assert failed == ["every clip exits at exit1"]
+    assert failed == ["every clip exits at exit1",
+                      "every clip exits at exit1 (compiled, one clip per call)"]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,9 @@ def test_export_build_verify_bench_from_a_checkpoint(tmp_path, tiny_checkpoint, 
     assert main(["verify", str(out), "--checkpoint", str(tiny_checkpoint), "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["rtol"] == 1e-4
-    assert [c["name"][:24] for c in report["cases"]] == ["free gates"] + \
-        ["every gate forced to bra"] * 4
+    names = [c["name"].replace(" (compiled, one clip per call)", "")[:24] for c in report["cases"]]
+    assert names == (["free gates"] + ["every gate forced to bra"] * 4) * 2  # pieces, compiled
+    assert all(c["name"].endswith("(compiled, one clip per call)") for c in report["cases"][5:])
     assert main(["bench", str(out), "--reps", "2", "--warmup", "0", "--json", "-q"]) == 0
     bench = json.loads(capsys.readouterr().out)
     names = [c["name"] for c in bench["configs"]]

@@ -76,7 +76,7 @@ def test_named_policies_force_every_gate(rt):
     assert result.traces[0].branches[one] == "R2-r1/2"
 
 
-def test_trace_accounts_flops_and_time_of_every_step(rt):
+def test_trace_accounts_flops_and_time_of_every_step(rt, tiny_bundle):
     result = rt.classify(clips(3).numpy(), force="all-half")
     m = rt.manifest
     want = sum(m.pieces[s.branches[1].piece].flops for s in m.switches()) + \
@@ -85,9 +85,16 @@ def test_trace_accounts_flops_and_time_of_every_step(rt):
         assert t.flops == want
         assert len(t.steps) == len(m.program)        # forced: no gate runs
         assert all(s.ms >= 0 and s.batch == 3 for s in t.steps)
-    free = rt.classify(clips(1).numpy())
+    pieces = runtime.load(tiny_bundle, path="pieces")     # one clip, piece by piece
+    free = pieces.classify(clips(1).numpy())
     assert len(free.traces[0].steps) == len(m.program) + len(m.switches())   # gates ran
     assert free.traces[0].to_json()["flops"] == free.traces[0].flops
+    # one clip on the compiled program: one step, the same branches and FLOPs
+    compiled = rt.classify(clips(1).numpy())
+    assert [(s.step, s.piece) for s in compiled.traces[0].steps] == [("program", "compiled")]
+    assert compiled.traces[0].branches == free.traces[0].branches
+    assert compiled.traces[0].flops == free.traces[0].flops
+    assert compiled.traces[0].decisions == free.traces[0].decisions == len(m.switches())
 
 
 def test_runtime_never_imports_torch(tiny_bundle):

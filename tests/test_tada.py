@@ -166,7 +166,8 @@ def test_verify_compares_every_block_and_names_the_piece_that_differs(tmp_path):
     models.save_checkpoint(model, tmp_path / "ckpt.pt")
     export(model, out, weights={"source": "test"})
     report = verify(out, checkpoint=tmp_path / "ckpt.pt")
-    assert report.ok and [c.name for c in report.cases] == ["free gates"]  # the one path
+    assert report.ok and [c.name for c in report.cases] == [   # the one path, both ways
+        "free gates", "free gates (compiled, one clip per call)"]
     with torch.no_grad():
         model.backbone.conv3.res_2.conv_branch.b_rf.b.weight.mul_(-1.0)
     models.save_checkpoint(model, tmp_path / "changed.pt")

@@ -27,6 +27,7 @@ from .arrays import ArrayOps
 from .backends import Backend, Executable, create_backend
 
 Force = Union[None, str, int, Mapping[str, int]]
+PATHS = ("auto", "pieces", "compiled")
 
 
 @dataclass
@@ -99,7 +100,14 @@ class Runtime:
     """A loaded bundle: one executable per piece, and the program that strings them together."""
 
     def __init__(self, bundle: Bundle, backend: Backend, progress: Progress = None,
-                 sync_steps: bool = False) -> None:
+                 sync_steps: bool = False, path: str = "auto") -> None:
+        if path not in PATHS:
+            raise InputError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
+        if path == "compiled" and not backend.runs_graphs:
+            raise InputError(f"the {backend.name} backend does not run compiled programs; use "
+                             "path='pieces'")
+        self.path = path
+        self._compiled: Dict[Any, Executable] = {}
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.backend = backend
@@ -121,6 +129,8 @@ class Runtime:
         if progress:
             progress(len(used), len(used), "loaded")
         self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
+        self._branch_flops = {s.name: [self._flops[b.piece] if b.piece is not None else 0
+                                       for b in s.branches] for s in self.manifest.switches()}
 
     # -- policies ---------------------------------------------------------------------------
     @property
@@ -225,6 +235,8 @@ class Runtime:
         if self.manifest.window is not None and x.shape[2] > 1:
             return self._classify_frames(x, force, budget, exit_at, keep_values, state, exits)
         n = x.shape[0]
+        if self._use_compiled(n, exit_at, keep_values):
+            return self._classify_compiled(x, force, budget, exits, state)
         per_clip_exit: Optional[np.ndarray] = None
         if exit_at is not None and not isinstance(exit_at, str):
             per_clip_exit = np.asarray(list(exit_at), dtype=object)
@@ -235,6 +247,79 @@ class Runtime:
                      exit_at if isinstance(exit_at, str) else None, per_clip_exit, exits,
                      keep_values, self._check_state(state, n))
         return call.execute(self.manifest.program)
+
+    # -- one clip per call: the program compiled into one graph --------------------------------
+    def _use_compiled(self, n: int, exit_at: Any, keep_values: bool) -> bool:
+        """The compiled graph serves one clip per call, when nothing asks for what only the
+        pieces give (every value, a forced exit)."""
+        return (self.path == "compiled" or (self.path == "auto" and self.backend.runs_graphs)) \
+            and n == 1 and exit_at is None and not keep_values
+
+    def _thresholds(self, budget: Union[str, float, None], exits: bool) -> Optional[Dict[str, float]]:
+        """The threshold of each exit under ``budget`` (as the interpreter picks them)."""
+        steps = self.manifest.exits()
+        if not exits or not steps:
+            return None
+        key = budget_key(budget) if budget is not None else "default"
+        out = {}
+        for step in steps:
+            if budget is not None and key not in step.thresholds:
+                raise InputError(f"exit {step.name!r} has no thresholds for budget {key!r}; "
+                                 f"it has {', '.join(sorted(step.thresholds)) or 'none'} "
+                                 "(run 'adaedge calibrate exits')")
+            if key in step.thresholds:
+                out[step.name] = step.thresholds[key]
+        return out
+
+    def compiled(self, forced: Mapping[str, int],
+                 thresholds: Optional[Mapping[str, float]]) -> Executable:
+        """The executable of the program compiled for these forced switches and thresholds
+        (compiled and loaded on first use, then kept)."""
+        key = (tuple(sorted(forced.items())),
+               None if thresholds is None else tuple(sorted(thresholds.items())))
+        exe = self._compiled.get(key)
+        if exe is None:
+            from .compile import compile_program
+            model = compile_program(self.bundle, forced, thresholds)
+            exe = self.backend.load_graph(model, "compiled program")
+            self._compiled[key] = exe
+        return exe
+
+    def _classify_compiled(self, x: np.ndarray, force: Force, budget: Union[str, float, None],
+                           exits: bool, state: Optional[Mapping[str, Any]]) -> Result:
+        from .compile import DECISION, EXIT, SCORES, STATE
+        forced = self.resolve_force(force)
+        thresholds = self._thresholds(budget, exits)
+        st = self._check_state(state, 1)
+        feeds = {self.manifest.input["name"]: x}
+        feeds.update({k: self.ops.to_host(v) for k, v in st.items()})
+        exe = self.compiled(forced, thresholds)
+        t0 = time.perf_counter()
+        out = exe.run(feeds)
+        ms = (time.perf_counter() - t0) * 1e3
+        trace = Trace()
+        exit_index = int(out[EXIT].reshape(-1)[0])
+        exit_name = self.manifest.exits()[exit_index].name if exit_index >= 0 else None
+        flops = 0
+        for step in self.manifest.program:
+            if isinstance(step, Run):
+                flops += self._flops[step.piece]
+            elif isinstance(step, Switch):
+                k = int(out[DECISION + step.name].reshape(-1)[0])
+                if k < 0:
+                    continue
+                trace.branches[step.name] = step.branches[k].name
+                flops += self._branch_flops[step.name][k]
+                if step.name not in forced and step.gate is not None:
+                    flops += self._flops[step.gate.piece]
+                    trace.decisions += 1
+            elif isinstance(step, Exit) and step.name == exit_name:
+                break
+        trace.flops = flops
+        trace.exit = exit_name
+        trace.steps.append(StepRecord("program", "compiled", ms, 1))
+        new_state = {spec.name: out[STATE + spec.name] for spec in self.manifest.state}
+        return Result(scores=out[SCORES], traces=[trace], state=new_state)
 
     def _check_state(self, state: Optional[Mapping[str, Any]], n: int) -> Dict[str, Any]:
         ops = self.ops
@@ -476,14 +561,18 @@ class Stream:
 
 
 def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxruntime",
-         progress: Progress = None, sync_steps: bool = False, **options: Any) -> Runtime:
+         progress: Progress = None, sync_steps: bool = False, path: str = "auto",
+         **options: Any) -> Runtime:
     """Open a bundle on a backend (``"onnxruntime"`` by default; options go to the backend).
 
     ``sync_steps`` makes every step wait for the device, so that step times are device times
-    (only matters for GPU backends, whose pieces run asynchronously)."""
+    (only matters for GPU backends, whose pieces run asynchronously). ``path``: ``"auto"`` runs
+    one clip per call as the program compiled into one graph where the backend can
+    (:mod:`.compile`) and batches piece by piece; ``"pieces"`` always piece by piece;
+    ``"compiled"`` requires the compiled graph for single clips."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
-    return Runtime(b, be, progress, sync_steps)
+    return Runtime(b, be, progress, sync_steps, path)
 
 
 def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",

@@ -59,6 +59,7 @@ class Backend(ABC):
 
     arrays: ArrayOps = NUMPY            # where values live and how rows are picked and joined
     threads: Optional[int] = None       # CPU threads per piece, where the backend has them
+    runs_graphs: ClassVar[bool] = False  # load_graph runs a whole compiled program (If nodes)
 
     @abstractmethod
     def build(self, bundle: Bundle, progress: Progress = None) -> Path:
@@ -67,6 +68,12 @@ class Backend(ABC):
     @abstractmethod
     def load(self, bundle: Bundle, piece: str) -> Executable:
         """The executable of one (hash-checked) piece."""
+
+    def load_graph(self, model: Any, name: str) -> Executable:
+        """An executable for an ONNX graph adaedge made from a bundle's pieces (the program
+        compiled into one graph, :mod:`adaedge.runtime.compile`); backends whose
+        ``runs_graphs`` is False do not take one."""
+        raise NotImplementedError(f"the {self.name} backend does not run compiled programs")
 
     def synchronize(self) -> None:
         """Wait until every piece launched so far has finished (asynchronous devices)."""

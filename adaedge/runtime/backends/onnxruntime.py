@@ -66,6 +66,7 @@ class OnnxRuntimeBackend(Backend):
 
     name: ClassVar[str] = "onnxruntime"
     summary: ClassVar[str] = "ONNX Runtime (CPU, the default; CUDA with onnxruntime-gpu)"
+    runs_graphs: ClassVar[bool] = True
     options: ClassVar[Tuple[BackendOption, ...]] = (
         BackendOption("threads", "CPU threads per piece (default: all cores)", _positive),
         BackendOption("pool", "a thread pool per piece (default) or one for all pieces (much "
@@ -206,6 +207,11 @@ class OnnxRuntimeBackend(Backend):
                               "corrupt; run 'adaedge build' again")
         parse_onnx(data, f"engine for piece {piece!r} in {path.parent}")
         return data
+
+    def load_graph(self, model: Any, name: str) -> OrtExecutable:
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        session = self._session(data, name, True)
+        return OrtExecutable(session, [o.name for o in session.get_outputs()])
 
     def load(self, bundle: Bundle, piece: str) -> OrtExecutable:
         spec = bundle.manifest.pieces[piece]
