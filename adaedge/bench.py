@@ -27,7 +27,7 @@ import platform
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,13 +60,19 @@ class ConfigResult:
     samples_ms: List[float] = field(default_factory=list)
     decisions: float = 0.0       # gate decisions brought to the host, per clip
     decision_ms: float = 0.0     # their wall time per clip (median over repetitions)
+    limit_ms: Optional[float] = None   # t_reference x F / F_reference: every saved FLOP saved time
+    breakdown: Optional[Dict[str, float]] = None   # ms per clip by category (--breakdown)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"name": self.name, "gflops": round(self.gflops, 4),
-                "median_ms": round(self.median_ms, 3), "p90_ms": round(self.p90_ms, 3),
-                "clips_per_s": round(self.clips_per_s, 3),
-                "realization": None if self.realization is None else round(self.realization, 3),
-                "decisions": round(self.decisions, 3), "decision_ms": round(self.decision_ms, 4)}
+        out = {"name": self.name, "gflops": round(self.gflops, 4),
+               "median_ms": round(self.median_ms, 3), "p90_ms": round(self.p90_ms, 3),
+               "clips_per_s": round(self.clips_per_s, 3),
+               "realization": None if self.realization is None else round(self.realization, 3),
+               "limit_ms": None if self.limit_ms is None else round(self.limit_ms, 3),
+               "decisions": round(self.decisions, 3), "decision_ms": round(self.decision_ms, 4)}
+        if self.breakdown is not None:
+            out["breakdown"] = {k: round(v, 4) for k, v in self.breakdown.items()}
+        return out
 
 
 @dataclass
@@ -144,6 +150,17 @@ def standard_configs(runtime: Runtime, names: Sequence[str] = DEFAULT_CONFIGS) -
     return out
 
 
+def plain_config(runtime: Runtime) -> Optional[Config]:
+    """``plain-graph``: the static network exported as one graph (every layer full, no gates), the
+    graph a user would get from exporting the static model: what our pieces are compared with.
+    None where the bundle has no static policy or needs state or exits."""
+    m = runtime.manifest
+    if m.state or m.exits() or not runtime.backend.runs_graphs or \
+            (m.switches() and "static" not in m.policies):
+        return None
+    return Config("plain-graph", runtime, "static" if m.switches() else None, {"graph": True})
+
+
 def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, warmup: int = 2,
                 seed: int = 0, reference: str = "static", progress: Progress = None,
                 batch: Optional[int] = None) -> BenchReport:
@@ -195,6 +212,7 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
     ref = next((r for r in results if r.name == reference), None)
     if ref is not None:
         for r in results:
+            r.limit_ms = ref.median_ms * r.gflops / ref.gflops if ref.gflops else None
             if r is not ref:
                 r.realization = realization(r.median_ms, ref.median_ms, r.gflops, ref.gflops)
     return BenchReport(batch, reps, results, meta=machine_info())
@@ -227,11 +245,14 @@ def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
 def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
           configs: Sequence[str] = DEFAULT_CONFIGS, seed: int = 0,
           clips: Optional[np.ndarray] = None, progress: Progress = None,
-          budgets: Optional[Sequence[str]] = None) -> BenchReport:
+          budgets: Optional[Sequence[str]] = None, plain: bool = True,
+          breakdown: bool = False) -> BenchReport:
     """Benchmark a runtime's standard configurations (see the module docstring).
 
     ``clips`` (default: ``batch`` random clips) are run in calls of ``batch``. Bundles with exits
-    should be given real clips: how many clips leave early depends on them.
+    should be given real clips: how many clips leave early depends on them. ``plain`` adds
+    ``plain-graph`` (:func:`plain_config`); ``breakdown`` profiles each configuration once more and
+    attributes its time per clip to categories (:func:`profile_breakdown`).
     """
     x = runtime.check_clips(clips if clips is not None else random_clips(runtime, batch, seed))
     if runtime.manifest.exits():
@@ -240,12 +261,115 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
     else:
         chosen = standard_configs(runtime, configs)
         reference = "static"
+    baseline = plain_config(runtime) if plain else None
+    if baseline is not None:
+        chosen.append(baseline)
     report = run_configs(chosen, x, reps, warmup, seed, reference=reference, progress=progress,
                          batch=batch)
+    if breakdown:
+        for cfg, result in zip(chosen, report.configs):
+            result.breakdown = profile_breakdown(cfg, x, batch, reps=max(2, min(reps, 5)))
     report.meta["backend"] = runtime.backend.name
     report.meta["threads"] = runtime.backend.threads
     report.meta["device"] = runtime.backend.device_info()
+    report.meta["path"] = runtime.path
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# where the time goes
+
+CATEGORIES = ("conv", "fill", "movement", "gate", "other", "call", "interpreter")
+_COMPUTE = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedGemm",
+            "FusedMatMul", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
+_MOVEMENT = {"Concat", "Reshape", "Transpose", "Slice", "Identity", "ReorderInput",
+             "ReorderOutput", "Split", "Gather", "GatherElements", "GatherND", "Unsqueeze",
+             "Squeeze", "Flatten", "Expand", "Tile", "Pad", "Cast", "ScatterElements",
+             "ScatterND", "Shape", "MemcpyFromHost", "MemcpyToHost", "Copy"}
+_CONTROL = {"If", "Loop", "Scan"}
+
+
+def category(op: str, node: str, piece: str) -> Optional[str]:
+    """The category of one kernel run (None: control flow, whose time its subgraph's nodes
+    already report). Gates first (anything in a gate piece), then cheap fills (convolutions the
+    exporter tagged ``fill``), convolutions and matrix products, data movement, the rest."""
+    if op in _CONTROL:
+        return None
+    if piece.endswith(".gate") or ".gate#" in node:
+        return "gate"
+    if op in _COMPUTE:
+        return "fill" if "fill" in node else "conv"
+    if op in _MOVEMENT:
+        return "movement"
+    return "other"
+
+
+def parse_profile(path: Any, piece: str, skip_runs: int = 1) -> Dict[str, float]:
+    """Microseconds by category in one ONNX Runtime session profile, and the session's own
+    ``model_run`` time (``run``); the first ``skip_runs`` runs (warm-up) are left out."""
+    with open(path, encoding="utf-8") as f:
+        events = json.load(f)
+    out: Dict[str, float] = {c: 0.0 for c in CATEGORIES}
+    out["run"] = 0.0
+    pending: List[Tuple[str, float]] = []
+    runs = 0
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            op = str((e.get("args") or {}).get("op_name", ""))
+            cat = category(op, str(e["name"])[:-len("_kernel_time")], piece)
+            if cat is not None:
+                pending.append((cat, float(e.get("dur", 0))))
+        elif e.get("cat") == "Session" and e.get("name") == "model_run":
+            runs += 1
+            if runs > skip_runs:
+                kernels = 0.0
+                for cat, dur in pending:
+                    out[cat] += dur
+                    kernels += dur
+                out["run"] += float(e.get("dur", 0))
+                out["call"] += max(0.0, float(e.get("dur", 0)) - kernels)
+            pending = []
+    return out
+
+
+def profile_breakdown(config: Config, clips: np.ndarray, batch: int,
+                      reps: int = 3) -> Optional[Dict[str, float]]:
+    """Milliseconds per clip by category for one configuration, from ONNX Runtime's profiler:
+    ``conv`` (convolutions and matrix products of computed filters), ``fill`` (cheap fills),
+    ``movement`` (concatenation, layout reorders, reshapes, copies inside pieces), ``gate`` (gate
+    pieces), ``other`` (element-wise, pooling, ...), ``call`` (each session run beyond its
+    kernels: the call, its inputs and outputs), ``interpreter`` (the wall time beyond the runs:
+    Python, grouping, copies between pieces). Profiling inflates times: read the proportions. None
+    for a backend without a profiler."""
+    rt = config.runtime
+    if rt.backend.name != "onnxruntime":
+        return None
+    import tempfile
+
+    from .runtime import load
+    with tempfile.TemporaryDirectory(prefix="adaedge-profile-") as tmp:
+        be = rt.backend
+        options: Dict[str, Any] = {"threads": be.threads, "pool": getattr(be, "pool", "session"),
+                                   "device": getattr(be, "device", "cpu"), "profile": tmp}
+        prof = load(rt.bundle, "onnxruntime", path=rt.path, **options)
+        total = int(clips.shape[0])
+        prof.classify_batches(clips, batch, force=config.force, **config.options)   # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            prof.classify_batches(clips, batch, force=config.force, **config.options)
+        wall_us = (time.perf_counter() - t0) * 1e6
+        sums: Dict[str, float] = {c: 0.0 for c in CATEGORIES}
+        run = 0.0
+        for piece, path in prof.backend.end_profiling():   # type: ignore[attr-defined]
+            part = parse_profile(path, piece)
+            run += part.pop("run")
+            for k, v in part.items():
+                sums[k] += v
+        sums["interpreter"] = max(0.0, wall_us - run)
+    scale = 1e-3 / (reps * total)
+    out = {k: v * scale for k, v in sums.items()}
+    out["total"] = wall_us * scale
+    return out
 
 
 def print_report(report: BenchReport, summary: Dict[str, Any], as_json: bool) -> None:
@@ -265,22 +389,32 @@ def print_report(report: BenchReport, summary: Dict[str, Any], as_json: bool) ->
 
 def format_table(report: BenchReport) -> str:
     """The table; a ``decide ms`` column (gate decisions' wall time per clip, as the host waits
-    for them) appears where gates decided."""
+    for them) appears where gates decided, and the breakdown below it where it was asked for."""
     decide = any(c.decisions for c in report.configs)
     device = report.meta.get("device")
     lines = [f"on {device['name']}" if isinstance(device, dict) and device.get("name")
              and device.get("name") not in ("cpu", "cuda") else "",
              f"batch {report.batch}, {report.reps} interleaved repetitions, per clip:",
-             f"{'config':<22}{'GFLOPs':>9}{'median ms':>11}{'p90 ms':>9}{'clips/s':>9}"
-             f"{'realisation':>13}" + (f"{'decide ms':>11}" if decide else "")]
+             f"{'config':<22}{'GFLOPs':>9}{'median ms':>11}{'p90 ms':>9}{'limit ms':>10}"
+             f"{'clips/s':>9}{'realisation':>13}" + (f"{'decide ms':>11}" if decide else "")]
     for c in report.configs:
         real = "-" if c.realization is None else f"{c.realization:.2f}"
+        limit = "-" if c.limit_ms is None else f"{c.limit_ms:.2f}"
         extra = (f"{c.decision_ms:>11.3f}" if c.decisions else f"{'-':>11}") if decide else ""
         lines.append(f"{c.name:<22}{c.gflops:>9.3f}{c.median_ms:>11.2f}{c.p90_ms:>9.2f}"
-                     f"{c.clips_per_s:>9.2f}{real:>13}{extra}")
+                     f"{limit:>10}{c.clips_per_s:>9.2f}{real:>13}{extra}")
+    if any(c.breakdown for c in report.configs):
+        lines += ["", "where the time goes, ms per clip (ONNX Runtime's profiler, which inflates "
+                  "times: read the proportions):",
+                  f"{'config':<22}" + "".join(f"{k:>12}" for k in (*CATEGORIES, "total"))]
+        for c in report.configs:
+            if c.breakdown:
+                lines.append(f"{c.name:<22}" + "".join(f"{c.breakdown.get(k, 0.0):>12.3f}"
+                                                        for k in (*CATEGORIES, "total")))
     return "\n".join(line for line in lines if line)
 
 
 __all__ = ["bench", "run_configs", "Config", "ConfigResult", "BenchReport", "realization",
+           "plain_config", "profile_breakdown", "parse_profile", "category", "CATEGORIES",
            "standard_configs", "exit_configs", "exit_budgets", "format_table", "random_clips",
            "DEFAULT_CONFIGS"]

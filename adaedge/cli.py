@@ -222,7 +222,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_table
     from .runtime import load
-    runtime = load(args.bundle, args.backend, sync_steps=args.sync_steps,
+    runtime = load(args.bundle, args.backend, sync_steps=args.sync_steps, path=args.path,
                    **backend_options(args))
     clips = None
     if args.data:
@@ -232,7 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--batch {args.batch} is more than the {len(clips)} clips of --data")
     report = bench(runtime, batch=args.batch, reps=args.reps, warmup=args.warmup,
                    seed=args.seed, clips=clips, budgets=args.budget or None,
-                   progress=ProgressBar("bench", not (args.quiet or args.json)))
+                   progress=ProgressBar("bench", not (args.quiet or args.json)),
+                   breakdown=args.breakdown)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -405,11 +406,19 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("--sync-steps", action="store_true",
                     help="GPU backends: wait for the device after every piece, so that "
                          "per-piece times are device times (slower overall)")
+    sp.add_argument("--breakdown", action="store_true",
+                    help="onnxruntime: also profile each configuration and attribute its time "
+                         "per clip to convolutions, cheap fills, data movement, gates, other "
+                         "kernels, per-call overhead and the interpreter")
+    sp.add_argument("--path", choices=["auto", "pieces", "compiled"], default="auto",
+                    help="auto (default): one clip per call runs the program compiled into one "
+                         "graph where the backend can, batches piece by piece; pieces: always "
+                         "piece by piece; compiled: insist on the compiled graph")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true",
                     help='print {"configs": [{"name", "gflops", "median_ms", "p90_ms", '
-                         '"clips_per_s", "realization", "decisions", "decision_ms"}], '
-                         '"meta": {..., "device"}}')
+                         '"clips_per_s", "realization", "limit_ms", "decisions", "decision_ms"'
+                         '[, "breakdown"]}], "meta": {..., "device"}}')
 
     sp = add("calibrate", cmd_calibrate, "calibrate a bundle on held-out data: 'exits' solves "
              "the exit thresholds for each compute budget and stores them in the bundle")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from adaedge import models, runtime
-from adaedge.bench import Config, print_report, random_clips, run_configs
+from adaedge.bench import Config, print_report, profile_breakdown, random_clips, run_configs
 from adaedge.export import export
 
 
@@ -52,6 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--workdir", type=Path, default=None, help="keep the bundles here")
+    p.add_argument("--path", choices=["auto", "pieces", "compiled"], default="auto",
+                   help="auto: batch 1 runs the compiled program, batches the pieces")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile each configuration: ms per clip by category")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -68,21 +72,27 @@ def main(argv=None) -> int:
             runtime.build(out, threads=args.threads) if args.threads else runtime.build(out)
     print(f"exported and built in {time.perf_counter() - t0:.1f}s under {work}", file=sys.stderr)
     options = {"threads": args.threads} if args.threads else {}
-    dynamic = runtime.load(work / "dynamic", **options)
-    masked = runtime.load(work / "masked", **options)
+    dynamic = runtime.load(work / "dynamic", path=args.path, **options)
+    masked = runtime.load(work / "masked", path=args.path, **options)
     configs = [Config("static", dynamic, "static"), Config("all-half", dynamic, "all-half"),
                Config("all-stride2", dynamic, "all-stride2"), Config("cheapest", dynamic, "cheapest"),
                Config("free", dynamic, None),
                Config("masked-all-half", masked, "all-half"),
                Config("masked-all-stride2", masked, "all-stride2"),
-               Config("masked-cheapest", masked, "cheapest")]
+               Config("masked-cheapest", masked, "cheapest"),
+               Config("plain-graph", dynamic, "static", {"graph": True})]
     clips = random_clips(dynamic, args.batch, seed=0)
     report = run_configs(configs, clips, reps=args.reps, warmup=args.warmup)
+    if args.breakdown:
+        for cfg, result in zip(configs, report.configs):
+            if not cfg.name.startswith("masked"):
+                result.breakdown = profile_breakdown(cfg, clips, args.batch, reps=3)
     report.meta["threads"] = dynamic.backend.threads  # type: ignore[attr-defined]
     report.meta["model"] = f"vared_r2plus1d_18 {args.frames}x{args.size}x{args.size}"
     static = report.get("static")
     free = report.get("free")
-    summary = {"gate_overhead": free.median_ms / static.median_ms - 1.0}
+    summary = {"gate_overhead": free.median_ms / static.median_ms - 1.0,
+               "static_over_plain_graph": static.median_ms / report.get("plain-graph").median_ms}
     for pol in ("all-half", "all-stride2", "cheapest"):
         summary[f"masked_over_static_pieces:{pol}"] = (report.get(f"masked-{pol}").median_ms
                                                        / report.get(pol).median_ms)
@@ -90,6 +100,8 @@ def main(argv=None) -> int:
     if args.json:
         return 0
     print(f"free gates (always choosing full) vs static: {summary['gate_overhead'] * 100:+.1f}%")
+    print(f"static (path {args.path}) vs the static network as one graph: "
+          f"{(summary['static_over_plain_graph'] - 1) * 100:+.1f}%")
     for pol in ("all-half", "all-stride2", "cheapest"):
         ratio = summary[f"masked_over_static_pieces:{pol}"]
         print(f"{pol}: masked execution takes {ratio:.2f}x the time of adaedge's static pieces")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from adaedge import models
@@ -36,10 +36,13 @@ def test_export_build_verify_bench_from_a_checkpoint(tmp_path, tiny_checkpoint, 
     assert main(["bench", str(out), "--reps", "2", "--warmup", "0", "--json", "-q"]) == 0
     bench = json.loads(capsys.readouterr().out)
     names = [c["name"] for c in bench["configs"]]
-    assert names == ["static", "all-half", "all-stride2", "cheapest", "free"]
+    assert names == ["static", "all-half", "all-stride2", "cheapest", "free", "plain-graph"]
     for c in bench["configs"]:
         assert set(c) == {"name", "gflops", "median_ms", "p90_ms", "clips_per_s", "realization",
-                          "decisions", "decision_ms"}
+                          "limit_ms", "decisions", "decision_ms"}
+        # the limit: the static network's time scaled by the FLOPs (every saved FLOP saved time)
+        assert c["limit_ms"] == pytest.approx(bench["configs"][0]["median_ms"] * c["gflops"] /
+                                              bench["configs"][0]["gflops"], rel=1e-2)
         assert c["median_ms"] > 0 and c["p90_ms"] >= c["median_ms"] and c["clips_per_s"] > 0
     by = {c["name"]: c for c in bench["configs"]}
     assert by["free"]["decisions"] == 37 and by["free"]["decision_ms"] >= 0   # one per gate

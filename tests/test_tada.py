@@ -262,5 +262,5 @@ def test_cli_export_verify_bench_for_a_network_without_gates(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ok"]
     assert main(["bench", str(out), "--reps", "2", "--warmup", "0", "--json", "-q"]) == 0
     bench = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in bench["configs"]] == ["static"]
+    assert [c["name"] for c in bench["configs"]] == ["static", "plain-graph"]
     assert bench["configs"][0]["gflops"] > 0

@@ -56,12 +56,18 @@ class Graph:
         return name
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: Optional[str] = None,
-           **attrs: Any) -> Any:
-        """Add a node; returns its output name (or a list of names for ``outputs > 1``)."""
-        outs = [self._fresh(op_type.lower()) for _ in range(outputs)]
+           role: Optional[str] = None, **attrs: Any) -> Any:
+        """Add a node; returns its output name (or a list of names for ``outputs > 1``).
+
+        ``role`` tags the node and its outputs by name (``fill_3``, ``n_fill_Conv_3``) so that a
+        profile can tell what the node does (``bench --breakdown``: cheap fills apart from the
+        convolutions of computed filters); backends keep the tag in the names of fused nodes.
+        """
+        tag = f"{role}_" if role else ""
+        outs = [self._fresh(tag + op_type.lower()) for _ in range(outputs)]
         inputs = tuple(self._alias.get(i, i) for i in inputs)
         self.nodes.append(helper.make_node(op_type, list(inputs), outs,
-                                           name=name or self._fresh("n_" + op_type), **attrs))
+                                           name=name or self._fresh(f"n_{tag}{op_type}"), **attrs))
         return outs[0] if outputs == 1 else outs
 
     def custom(self, function: onnx.FunctionProto, *inputs: str, **attrs: Any) -> str:

@@ -94,7 +94,7 @@ def _bias(conv: torch.nn.Conv3d) -> torch.Tensor:
 
 def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: np.ndarray,
             stride: Tuple[int, int, int], pads: Tuple[int, int, int],
-            group: int = 1) -> Tuple[str, Tuple[int, ...]]:
+            group: int = 1, role: Optional[str] = None) -> Tuple[str, Tuple[int, ...]]:
     """A 3D convolution over NCTHW, written in the form ONNX Runtime runs fastest; exact either way.
 
     * temporal-only kernels (kt x 1 x 1, no spatial stride) run as a 2D (kt, 1) convolution over
@@ -114,17 +114,18 @@ def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: 
     out_shape = (out_ch, to, ho, wo)
     if group == 1 and kh == kw == 1 and ph == pw == 0 and stride[1:] == (1, 1):
         x4 = g.op("Reshape", x, g.const([0, c, t, h * w], "shape", "int64"))
-        y = g.op("Conv", x4, g.const(weight[:, :, :, :, 0], "w"), g.const(bias, "b"),
+        y = g.op("Conv", x4, g.const(weight[:, :, :, :, 0], "w"), g.const(bias, "b"), role=role,
                  kernel_shape=[kt, 1], strides=[stride[0], 1], pads=[pt, 0, pt, 0])
         return g.op("Reshape", y, g.const([0, *out_shape], "shape", "int64")), out_shape
     if group == c == out_ch and kt == 1 and pt == 0 and stride == (1, 1, 1):
         x4 = g.op("Reshape", x, g.const([0, c * t, h, w], "shape", "int64"))
         y = g.op("Conv", x4, g.const(np.repeat(weight[:, :, 0], t, axis=0), "w"),
-                 g.const(np.repeat(bias, t), "b"), kernel_shape=[kh, kw], pads=[ph, pw, ph, pw],
-                 group=c * t)
+                 g.const(np.repeat(bias, t), "b"), role=role, kernel_shape=[kh, kw],
+                 pads=[ph, pw, ph, pw], group=c * t)
         return g.op("Reshape", y, g.const([0, *out_shape], "shape", "int64")), out_shape
-    y = g.op("Conv", x, g.const(weight, "w"), g.const(bias, "b"), kernel_shape=[kt, kh, kw],
-             strides=list(stride), pads=[pt, ph, pw, pt, ph, pw], group=group)
+    y = g.op("Conv", x, g.const(weight, "w"), g.const(bias, "b"), role=role,
+             kernel_shape=[kt, kh, kw], strides=list(stride), pads=[pt, ph, pw, pt, ph, pw],
+             group=group)
     return y, out_shape
 
 
@@ -160,7 +161,7 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
     if branch.c:
         fill = conv.channel_fill_conv(branch.c)
         f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(_bias(fill)), (1, 1, 1), (0, 1, 1),
-                       group=computed)
+                       group=computed, role="fill")
         y = g.op("Concat", y, act(f), axis=1)
         shape = (out_ch, *shape[1:])
     computed_frames = shape[1]
@@ -168,7 +169,7 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
         fill = conv.temporal_fill_conv(branch.t)
         h, w = shape[2], shape[3]
         f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(_bias(fill)), (1, 1, 1), (0, 1, 1),
-                       group=out_ch)
+                       group=out_ch, role="fill")
         y6 = g.op("Reshape", y, g.const([0, out_ch, computed_frames, 1, h, w], "shape", "int64"))
         if r == 2:
             f6 = g.op("Reshape", f, g.const([0, out_ch, computed_frames, 1, h, w], "shape",

@@ -366,10 +366,48 @@ def compile_program(bundle: Bundle, forced: Optional[Mapping[str, int]] = None,
     main.initializers += [numpy_helper.from_array(v, k) for k, v in constants.items()]
     graph = helper.make_graph(main.nodes, "adaedge_compiled", inputs, graph_outputs,
                               main.initializers, value_info=main.value_info)
+    prune(graph, [o.name for o in graph_outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="adaedge")
     model.ir_version = 8
     return model
+
+
+def _graph_reads(graph: onnx.GraphProto) -> set:
+    """Every value a graph's nodes read, its subgraphs' reads of outer values included."""
+    reads = set()
+    for node in graph.node:
+        reads.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                reads |= _graph_reads(a.g)
+    return reads
+
+
+def prune(graph: onnx.GraphProto, keep: Sequence[str]) -> None:
+    """Remove the nodes (and initializers) no output in ``keep`` depends on, in this graph and,
+    recursively, in its If branches: the gates' score outputs, which only traces of the pieces
+    use, cost nodes in a compiled graph."""
+    needed = set(keep)
+    nodes = list(graph.node)
+    live: List[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if not any(o in needed for o in node.output):
+            continue
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                prune(a.g, [o.name for o in a.g.output])
+                needed |= _graph_reads(a.g)
+        needed.update(node.input)
+        live.append(node)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    infos = [v for v in graph.value_info if v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
 
 
 def compiled_outputs(model: onnx.ModelProto) -> List[str]:

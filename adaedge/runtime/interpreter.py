@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,6 +25,10 @@ from ..errors import BundleError, InputError
 from ..progress import Progress
 from .arrays import ArrayOps
 from .backends import Backend, Executable, create_backend
+from .compile import DECISION as _DECISION
+from .compile import EXIT as _EXIT
+from .compile import SCORES as _SCORES
+from .compile import STATE as _STATE
 
 Force = Union[None, str, int, Mapping[str, int]]
 PATHS = ("auto", "pieces", "compiled")
@@ -131,6 +135,19 @@ class Runtime:
         self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
         self._branch_flops = {s.name: [self._flops[b.piece] if b.piece is not None else 0
                                        for b in s.branches] for s in self.manifest.switches()}
+        # what compiled runs need per call, worked out once
+        program = self.manifest.program
+        self._clip_tuple = tuple(self.manifest.clip_shape)
+        self._input_name = self.manifest.input["name"]
+        self._switch_names = [s.name for s in self.manifest.switches()]
+        self._switch_steps = [(i, s) for i, s in enumerate(program) if isinstance(s, Switch)]
+        self._exit_positions = [i for i, s in enumerate(program) if isinstance(s, Exit)]
+        self._exit_names = [s.name for s in program if isinstance(s, Exit)]
+        self._run_flops_before = [0]
+        for s in program:
+            self._run_flops_before.append(self._run_flops_before[-1] +
+                                          (self._flops[s.piece] if isinstance(s, Run) else 0))
+        self._calls: Dict[Any, Tuple[Dict[str, int], Optional[Dict[str, float]], Executable]] = {}
 
     # -- policies ---------------------------------------------------------------------------
     @property
@@ -167,8 +184,11 @@ class Runtime:
     # -- input ------------------------------------------------------------------------------
     def check_clips(self, clips: Any) -> np.ndarray:
         """Clips as contiguous float32 (N, C, T, H, W); a stream bundle takes any T >= 1."""
-        expected = self.manifest.clip_shape
         arr = np.asarray(clips)
+        if arr.dtype == np.float32 and arr.shape[1:] == self._clip_tuple and arr.shape[0] >= 1 \
+                and arr.flags.c_contiguous:
+            return arr                          # the common case, checked in a few comparisons
+        expected = self.manifest.clip_shape
         if arr.dtype.kind not in "fiu":
             raise InputError(f"clips must be numeric, got dtype {arr.dtype}")
         got = list(arr.shape[1:])
@@ -216,7 +236,8 @@ class Runtime:
     def classify(self, clips: Any, force: Force = None, budget: Union[str, float, None] = None,
                  exit_at: Union[str, Sequence[Optional[str]], None] = None,
                  keep_values: bool = False,
-                 state: Optional[Mapping[str, Any]] = None, exits: bool = True) -> Result:
+                 state: Optional[Mapping[str, Any]] = None, exits: bool = True,
+                 graph: bool = False) -> Result:
         """Scores and a trace per clip for a batch of clips (N, C, T, H, W).
 
         ``force`` fixes the branches (a policy name from the manifest, one branch index for every
@@ -226,6 +247,8 @@ class Runtime:
         ``state`` is the carried state of a stream (default: zeros; NumPy arrays or the backend's
         own, as ``Result.state`` returns them); ``exits=False`` takes no
         exit (every clip runs the whole program) unless ``exit_at`` says otherwise.
+        ``graph=True`` runs a fully forced policy (or a program without switches) as one graph
+        for the whole batch: the static network as one graph, a benchmark's baseline.
 
         A stream bundle (``manifest.window``) takes the T frames of ``clips`` one call each, in
         order, carrying the state from frame to frame; the scores are those after the last frame,
@@ -235,8 +258,8 @@ class Runtime:
         if self.manifest.window is not None and x.shape[2] > 1:
             return self._classify_frames(x, force, budget, exit_at, keep_values, state, exits)
         n = x.shape[0]
-        if self._use_compiled(n, exit_at, keep_values):
-            return self._classify_compiled(x, force, budget, exits, state)
+        if graph or self._use_compiled(n, exit_at, keep_values):
+            return self._classify_compiled(x, force, budget, exits and not graph, state)
         per_clip_exit: Optional[np.ndarray] = None
         if exit_at is not None and not isinstance(exit_at, str):
             per_clip_exit = np.asarray(list(exit_at), dtype=object)
@@ -285,41 +308,62 @@ class Runtime:
             self._compiled[key] = exe
         return exe
 
-    def _classify_compiled(self, x: np.ndarray, force: Force, budget: Union[str, float, None],
-                           exits: bool, state: Optional[Mapping[str, Any]]) -> Result:
-        from .compile import DECISION, EXIT, SCORES, STATE
+    def _compiled_call(self, force: Force, budget: Union[str, float, None],
+                       exits: bool) -> Tuple[Dict[str, int], Optional[Dict[str, float]], Executable]:
+        """The forced switches, thresholds and compiled executable of a call (memoised per
+        policy name, budget and exits, so that a call costs a dictionary lookup)."""
+        memo = (force, budget, exits) if force is None or isinstance(force, (str, int)) else None
+        hit = self._calls.get(memo) if memo is not None else None
+        if hit is not None:
+            return hit
         forced = self.resolve_force(force)
         thresholds = self._thresholds(budget, exits)
-        st = self._check_state(state, 1)
-        feeds = {self.manifest.input["name"]: x}
-        feeds.update({k: self.ops.to_host(v) for k, v in st.items()})
-        exe = self.compiled(forced, thresholds)
+        call = (forced, thresholds, self.compiled(forced, thresholds))
+        if memo is not None:
+            self._calls[memo] = call
+        return call
+
+    def _classify_compiled(self, x: np.ndarray, force: Force, budget: Union[str, float, None],
+                           exits: bool, state: Optional[Mapping[str, Any]]) -> Result:
+        forced, thresholds, exe = self._compiled_call(force, budget, exits)
+        n = x.shape[0]
+        if n > 1 and (thresholds or len(forced) < len(self._switch_names)):
+            raise InputError("a batch runs as one graph only under a policy that forces every "
+                             "switch and with no exit taken")
+        feeds = {self._input_name: x}
+        if self.manifest.state:
+            st = self._check_state(state, n)
+            feeds.update({k: self.ops.to_host(v) for k, v in st.items()})
         t0 = time.perf_counter()
         out = exe.run(feeds)
         ms = (time.perf_counter() - t0) * 1e3
+        trace = self._compiled_trace(out, forced, ms, n)
+        traces = [trace] + [Trace(dict(trace.branches), trace.flops, list(trace.steps), trace.exit,
+                                  trace.decisions) for _ in range(n - 1)]
+        new_state = {spec.name: out[_STATE + spec.name] for spec in self.manifest.state}
+        return Result(scores=out[_SCORES], traces=traces, state=new_state)
+
+    def _compiled_trace(self, out: Mapping[str, np.ndarray], forced: Mapping[str, int],
+                        ms: float, n: int) -> Trace:
+        """A compiled run's trace: the branch each switch took and the FLOPs of the pieces that
+        ran (the steps before the exit taken)."""
         trace = Trace()
-        exit_index = int(out[EXIT].reshape(-1)[0])
-        exit_name = self.manifest.exits()[exit_index].name if exit_index >= 0 else None
-        flops = 0
-        for step in self.manifest.program:
-            if isinstance(step, Run):
-                flops += self._flops[step.piece]
-            elif isinstance(step, Switch):
-                k = int(out[DECISION + step.name].reshape(-1)[0])
-                if k < 0:
-                    continue
-                trace.branches[step.name] = step.branches[k].name
-                flops += self._branch_flops[step.name][k]
-                if step.name not in forced and step.gate is not None:
-                    flops += self._flops[step.gate.piece]
-                    trace.decisions += 1
-            elif isinstance(step, Exit) and step.name == exit_name:
+        exit_index = int(out[_EXIT].reshape(-1)[0])
+        end = self._exit_positions[exit_index] if exit_index >= 0 else len(self.manifest.program)
+        flops = self._run_flops_before[end]
+        for position, step in self._switch_steps:
+            if position >= end:
                 break
+            k = int(out[_DECISION + step.name].reshape(-1)[0])
+            trace.branches[step.name] = step.branches[k].name
+            flops += self._branch_flops[step.name][k]
+            if step.gate is not None and step.name not in forced:
+                flops += self._flops[step.gate.piece]
+                trace.decisions += 1
         trace.flops = flops
-        trace.exit = exit_name
-        trace.steps.append(StepRecord("program", "compiled", ms, 1))
-        new_state = {spec.name: out[STATE + spec.name] for spec in self.manifest.state}
-        return Result(scores=out[SCORES], traces=[trace], state=new_state)
+        trace.exit = self._exit_names[exit_index] if exit_index >= 0 else None
+        trace.steps.append(StepRecord("program", "compiled", ms, n))
+        return trace
 
     def _check_state(self, state: Optional[Mapping[str, Any]], n: int) -> Dict[str, Any]:
         ops = self.ops

@@ -23,9 +23,10 @@ from .base import Backend, BackendOption
 
 
 class OrtExecutable:
-    def __init__(self, session: Any, output_names: List[str]) -> None:
+    def __init__(self, session: Any, output_names: List[str], label: str = "") -> None:
         self.session = session
         self.output_names = output_names
+        self.label = label
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, dict(feeds))
@@ -77,7 +78,8 @@ class OnnxRuntimeBackend(Backend):
     )
 
     def __init__(self, device: str = "cpu", threads: Optional[int] = None,
-                 use_cache: bool = True, pool: str = "session") -> None:
+                 use_cache: bool = True, pool: str = "session",
+                 profile: Optional[str] = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -112,6 +114,9 @@ class OnnxRuntimeBackend(Backend):
                 pool = "session"
         self.pool = pool
         self.use_cache = use_cache
+        # profile: a folder for ONNX Runtime's per-session profiles (bench --breakdown)
+        self.profile = Path(profile) if profile is not None else None
+        self.executables: List[OrtExecutable] = []
 
     def device_info(self) -> Dict[str, Any]:
         return {"name": self.device, "threads": self.threads, "pool": self.pool,
@@ -138,7 +143,15 @@ class OnnxRuntimeBackend(Backend):
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if save_to is not None:
             so.optimized_model_filepath = str(save_to)
+        elif self.profile is not None:
+            self.profile.mkdir(parents=True, exist_ok=True)
+            so.enable_profiling = True
+            so.profile_file_prefix = str(self.profile / f"s{len(self.executables)}")
         return so
+
+    def end_profiling(self) -> List[Tuple[str, Path]]:
+        """(piece, profile file) of every session this backend made (with ``profile=``)."""
+        return [(exe.label, Path(exe.session.end_profiling())) for exe in self.executables]
 
     def _index_path(self, bundle: Bundle) -> Path:
         return bundle.engine_dir(self.cache_key) / "index.json"
@@ -211,7 +224,9 @@ class OnnxRuntimeBackend(Backend):
     def load_graph(self, model: Any, name: str) -> OrtExecutable:
         data = model if isinstance(model, bytes) else model.SerializeToString()
         session = self._session(data, name, True)
-        return OrtExecutable(session, [o.name for o in session.get_outputs()])
+        exe = OrtExecutable(session, [o.name for o in session.get_outputs()], name)
+        self.executables.append(exe)
+        return exe
 
     def load(self, bundle: Bundle, piece: str) -> OrtExecutable:
         spec = bundle.manifest.pieces[piece]
@@ -220,7 +235,9 @@ class OnnxRuntimeBackend(Backend):
             session = self._session(cached, piece, False)
         else:
             session = self._session(self._checked(bundle, piece), piece, True)
-        return OrtExecutable(session, spec.output_names)
+        exe = OrtExecutable(session, spec.output_names, piece)
+        self.executables.append(exe)
+        return exe
 
 
 __all__ = ["OnnxRuntimeBackend", "OrtExecutable"]
