@@ -58,6 +58,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                          "executions": fam.execution_names(),
                          "options": [o.cli_flag for o in fam.options],
                          "official_checkpoints": fam.checkpoint_help or None,
+                         "verify_rtol": fam.verify_rtol or 1e-4,
                          "trainable": fam.trainer is not None})
     if args.json:
         print(json.dumps(rows))
@@ -384,8 +385,9 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                                          "(not needed for --random-weights bundles)")
     sp.add_argument("--clips", type=int, default=2, help="random clips per case (default 2)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--rtol", type=float, default=1e-4,
-                    help="tolerance relative to each value's largest magnitude (default 1e-4)")
+    sp.add_argument("--rtol", type=float, default=None,
+                    help="tolerance relative to each value's largest magnitude (default 1e-4, or "
+                         "the tolerance the model's family states: 'adaedge models --json')")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -429,9 +431,11 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                          "split val) or an .npz with normalised 'clips' and integer 'labels'")
     sp.add_argument("--budget", type=float, action="append", required=True,
                     help="mean GFLOPs per clip to meet (repeatable: one threshold set each)")
-    sp.add_argument("--criterion", choices=["entropy", "max_prob"], default="entropy",
-                    help="exit when the softmax entropy is at or under the threshold (default) "
-                         "or the max probability at or over it")
+    sp.add_argument("--criterion", choices=["entropy", "max_prob", "max_logit"],
+                    default="entropy",
+                    help="exit when the softmax entropy is at or under the threshold (default), "
+                         "the max probability at or over it, or the largest raw logit at or over "
+                         "it (the official AdaFocus evaluation's 'confidence')")
     sp.add_argument("--default", type=float,
                     help="also store this budget's thresholds as the bundle's default")
     sp.add_argument("--plot", help="draw accuracy against GFLOPs to this PNG")

@@ -191,15 +191,48 @@ def compare(runtime: Runtime, model: Any, clips: np.ndarray,
     return CaseResult(name, True, worst)
 
 
+def _family(bundle: Bundle) -> Any:
+    from . import models
+    try:
+        return models.family_of(str(bundle.manifest.model.get("name")))
+    except KeyError:
+        return None
+
+
+def family_rtol(bundle: Bundle) -> float:
+    """The tolerance a bundle's family states (``Family.verify_rtol``), else :data:`RTOL`."""
+    fam = _family(bundle)
+    return fam.verify_rtol if fam is not None and fam.verify_rtol is not None else RTOL
+
+
+def random_clips(shape: List[int], seed: int, smooth: bool = False) -> np.ndarray:
+    """Verify's clips: independent standard normal values, or (``smooth``) standard normal values
+    on a grid of every 8th pixel, bilinearly interpolated (smooth random frames)."""
+    rng = np.random.default_rng(seed)
+    if not smooth:
+        return rng.standard_normal(shape).astype(np.float32)
+    n, c, t, h, w = shape
+    coarse = rng.standard_normal((n * c * t, 1, h // 8 + 2, w // 8 + 2)).astype(np.float32)
+    import torch
+    fine = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(h, w),
+                                           mode="bilinear", align_corners=True)
+    return fine.numpy().reshape(shape).astype(np.float32)
+
+
 def verify(bundle: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None,
-           clips: int = 2, seed: int = 0, rtol: float = RTOL, backend: str = "onnxruntime",
-           progress: Progress = None, **backend_options: Any) -> Report:
-    """Verify a bundle against its PyTorch reference; see the module docstring for the cases."""
+           clips: int = 2, seed: int = 0, rtol: Optional[float] = None,
+           backend: str = "onnxruntime", progress: Progress = None,
+           **backend_options: Any) -> Report:
+    """Verify a bundle against its PyTorch reference; see the module docstring for the cases.
+    ``rtol`` defaults to the family's stated tolerance (1e-4 unless it states one)."""
     b = load_bundle(bundle)
     model = reference_model(b, checkpoint)
+    if rtol is None:
+        rtol = family_rtol(b)
     runtime = load_runtime(b, backend, **backend_options)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal([clips] + b.manifest.full_clip_shape).astype(np.float32)
+    fam = _family(b)
+    x = random_clips([clips] + b.manifest.full_clip_shape, seed,
+                     smooth=fam is not None and fam.verify_clips == "smooth")
     report = Report(str(bundle), rtol, clips, backend=runtime.backend.name)
     if b.manifest.window is not None:
         policies: List[Optional[str]] = [None, *runtime.policies]
@@ -283,8 +316,8 @@ def compare_compiled_exit(runtime: Runtime, model: Any, clips: np.ndarray, index
     from .runtime.compile import EXIT, SCORES
     steps = runtime.manifest.exits()
     name = f"every clip exits at {steps[index].name} (compiled, one clip per call)"
-    never = {"entropy": -1.0, "max_prob": 2.0}
-    always = {"entropy": float("inf"), "max_prob": -1.0}
+    never = {"entropy": -1.0, "max_prob": 2.0, "max_logit": float("inf")}
+    always = {"entropy": float("inf"), "max_prob": -1.0, "max_logit": float("-inf")}
     thresholds = {s.name: (always if k == index else never)[s.criterion]
                   for k, s in enumerate(steps)}
     exe = runtime.compiled({}, thresholds)

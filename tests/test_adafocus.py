@@ -14,7 +14,7 @@ from adaedge.bundle import load as load_bundle
 from adaedge.calibration.exits import CalibrationError, calibrate_exits, load_data, solve
 from adaedge.cli import main
 from adaedge.export import export
-from adaedge.models.adafocus_v3 import load_official_parts, temporal_shift
+from adaedge.models.adafocus_v3 import temporal_shift
 from adaedge.nn.focus import crop_cube
 from adaedge.errors import InputError
 from adaedge.verify import relative_error as rel
@@ -195,7 +195,7 @@ def test_solve_prefers_accuracy_within_the_budget():
     assert cost == 1.0 and acc == 0.5
 
 
-def test_cli_calibrate_bench_and_the_official_parts(calibrated, tmp_path, capsys):
+def test_cli_calibrate_and_bench(calibrated, tmp_path, capsys):
     out, _, budgets, _, _ = calibrated
     assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
                  f"{budgets[0]:.6f}", "--criterion", "max_prob", "--json", "-q",
@@ -213,18 +213,7 @@ def test_cli_calibrate_bench_and_the_official_parts(calibrated, tmp_path, capsys
     assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
                  "0.0000001", "-q"]) == 2
     assert "below the first stage's own cost" in capsys.readouterr().err
-    # Official AdaFocus checkpoints: the corresponding parts load, the rest is listed.
-    model = tiny_focus(seed=5)
-    state = {"module." + k: v for k, v in model.state_dict().items()
-             if k.startswith(("global_CNN.", "local_CNN.", "classifier."))}
-    state["module.policy_stn.gru.weight_ih_l0"] = torch.zeros(3, 3)
-    state["module.local_CNN.fc.weight"] = torch.zeros(2, 2)
-    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "official.pth.tar")
-    fresh = tiny_focus(seed=6)
-    loaded, skipped = load_official_parts(fresh, tmp_path / "official.pth.tar")
-    assert "global_CNN.features.0.0.weight" in loaded and "classifier.mlp.layers.0.weight" in loaded
-    assert skipped == ["local_CNN.fc.weight", "policy_stn.gru.weight_ih_l0"]
-    assert torch.equal(fresh.global_CNN.features[0][0].weight, model.global_CNN.features[0][0].weight)
+
 
 
 def test_shipped_checkpoint_reaches_its_stated_accuracy_and_saves_with_its_budgets(tmp_path):

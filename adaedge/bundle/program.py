@@ -10,7 +10,7 @@ Steps (``inputs``/``outputs`` map a piece's I/O names to program value names):
   (int64, one per clip) picks the branch; all branch pieces share I/O names. Instead of ``gate``,
   a switch may name ``"select": value``, an int64 value (one per clip) an earlier step computed.
   A branch ``{"name", "pass": {output: input}}`` runs no piece: it forwards inputs as outputs.
-* :class:`Exit` ``{"op": "exit", "name", "scores", "criterion": "entropy" | "max_prob",
+* :class:`Exit` ``{"op": "exit", "name", "scores", "criterion": "entropy" | "max_prob" | "max_logit",
   "thresholds": {budget: t}}``: clips whose ``scores`` (softmax of) meet the criterion stop here.
 * :class:`Carry` ``{"op": "carry", "name", "value", "state"}``: keep ``value`` as state for the
   next call.
@@ -196,7 +196,7 @@ class Exit:
 
     def leaves(self, measure: Any, threshold: float) -> Any:
         """Which clips leave, given their exit measure (entropy: at or under the threshold;
-        max probability: at or over it)."""
+        max probability and max logit: at or over it)."""
         return measure <= threshold if self.criterion == "entropy" else measure >= threshold
 
     @classmethod

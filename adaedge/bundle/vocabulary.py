@@ -12,7 +12,7 @@ MANIFEST = "manifest.json"
 
 DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8")
 STEP_OPS = ("run", "switch", "exit", "carry")
-CRITERIA = ("entropy", "max_prob")
+CRITERIA = ("entropy", "max_prob", "max_logit")   # exit criteria (max_logit: the largest raw score)
 LAYOUTS = ("NCTHW", "NTCHW")
 NTCHW = "NTCHW"   # a 5D value holding frames before channels (pieces that fold frames into the batch)
 

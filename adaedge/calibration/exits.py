@@ -28,7 +28,7 @@ from ..progress import Progress
 from ..runtime import load as load_runtime
 from ..runtime.interpreter import Runtime, exit_measure
 
-NEVER = {"entropy": -1.0, "max_prob": 2.0}   # thresholds no clip meets
+NEVER = {"entropy": -1.0, "max_prob": 2.0, "max_logit": 1e30}   # thresholds no clip meets
 
 
 @dataclass

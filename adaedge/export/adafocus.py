@@ -195,10 +195,16 @@ def cube_graph(model: AdaFocusV3, k: int) -> onnx.ModelProto:
     return g.model()
 
 
-def export_adafocus(model: AdaFocusV3, frames: int, size: int, execution: Optional[str] = None,
+def export_adafocus(model: Any, frames: int, size: int, execution: Optional[str] = None,
                     progress: Progress = None) -> Parts:
-    """The exit stages of an AdaFocusV3 network (the glance, then one piece per cube, an exit
-    after every stage but the last) and the program that runs them."""
+    """The exit stages of an AdaFocus network: the official variants through
+    :mod:`.adafocus_official`; adaedge's AdaFocusV3 here (the glance, then one piece per cube,
+    an exit after every stage but the last)."""
+    if not isinstance(model, AdaFocusV3):
+        if execution not in (None, "stages"):
+            raise ValueError(f"execution must be 'stages' for AdaFocus, not {execution!r}")
+        from .adafocus_official import export_official
+        return export_official(model, frames, size, progress)
     if execution not in (None, "stages"):
         raise ValueError(f"execution must be 'stages' for AdaFocusV3, not {execution!r}")
     if (frames, size) != (model.frames, model.size):

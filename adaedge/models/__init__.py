@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnknownName
-from . import adafocus_v3 as _adafocus_v3
+from . import adafocus as _adafocus
 from . import adafuse as _adafuse
 from . import tada2d as _tada2d
 from . import vared_r2plus1d as _vared
@@ -33,7 +33,7 @@ __all__ = ["create", "available", "families", "family", "family_of", "load_check
            "Family", "ExportOption", "FAMILIES", "VaRedR2Plus1D", "TAda2D", "AdaFocusV3",
            "AdaFuse", "model_name", "model_config", "KINETICS_MEAN", "KINETICS_STD"]
 
-FAMILIES: Tuple[Family, ...] = (_vared.FAMILY, _tada2d.FAMILY, _adafocus_v3.FAMILY,
+FAMILIES: Tuple[Family, ...] = (_vared.FAMILY, _tada2d.FAMILY, _adafocus.FAMILY,
                                 _adafuse.FAMILY)
 
 _MODELS: Dict[str, Family] = {}
@@ -221,6 +221,15 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
     if name is None:
         raise CheckpointError(f"checkpoint {source} does not say which model it is for: "
                               "name the model")
+    if official:
+        needs = family_of(name).official_needs.get(name, {})
+        missing = [k for k in needs if k not in config]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {source}: official {name} checkpoints do not record "
+                f"{', '.join(missing)}: give {'them' if len(missing) > 1 else 'it'} (command "
+                f"line: {' '.join(f'--config {k}={needs[k]}' for k in missing)}, with the "
+                "values the model was trained with)")
     merged = dict(meta.get("config") or official)
     merged.update(config)
     model = create(name, **merged)

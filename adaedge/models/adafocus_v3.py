@@ -13,24 +13,22 @@ thresholds for a budget).
              s_k = max(s_{k-1}, mlp([g, f_k]))   (feature reuse of the glance, running max)
              logits_k = classifiers[k-1](s_k)
 
-Module names follow the official AdaFocus code (AdaFocusV2 / Uni-AdaFocus): ``global_CNN``
-(torchvision's MobileNetV2 naming), ``global_CNN_fc``, ``local_CNN`` (torchvision's ResNet naming,
-no ``fc``), ``local_CNN_fc``, ``classifier.mlp.layers`` and ``classifier.classifiers.{k}``, so
-those parts of an official checkpoint load where their shapes correspond
-(:func:`load_official_parts`). The policy is AdaFocusV3's (all cube centres at once), not V2's
-recurrent patch policy, and has no official counterpart to load.
+This is adaedge's own reading of the AdaFocusV3 paper: no official AdaFocusV3 code exists (the
+Uni-AdaFocus repository is the series' code, and its model, with integer focus frames and 2-D
+boxes, is :class:`adaedge.models.adafocus.UniAdaFocus`). Its modules use torchvision's MobileNetV2
+and BasicBlock ResNet layouts and its own temporal shift (channels [0, C/8) from frame t-1), so no
+official checkpoint loads into it: load those with ``models.load_model``, which builds the
+official variant they hold. It is the small model of adaedge's own early-exit benchmarks.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..nn.focus import crop_cube
-from .registry import Family
 
 MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                 (6, 160, 3, 2), (6, 320, 1, 1))
@@ -294,39 +292,4 @@ def adafocus_v3(**config: Any) -> AdaFocusV3:
 
 
 # Parts of an official AdaFocus checkpoint that correspond to ours.
-OFFICIAL_PARTS = ("global_CNN.", "global_CNN_fc.", "local_CNN.", "local_CNN_fc.", "classifier.")
-
-
-def load_official_parts(model: AdaFocusV3, path: "str | os.PathLike[str]"
-                        ) -> Tuple[List[str], List[str]]:
-    """Load the parts of an official AdaFocusV2 / Uni-AdaFocus checkpoint that correspond.
-
-    Keys under ``global_CNN``, ``global_CNN_fc``, ``local_CNN`` (without ``fc``), ``local_CNN_fc``
-    and ``classifier`` load where our model has the same name and shape (official checkpoints are
-    ``{"state_dict": ...}``, often with DataParallel's ``module.``). Returns the loaded keys and
-    the checkpoint's keys that did not load (the policy, which differs between V2 and V3, and
-    anything of another shape); raises :class:`~adaedge.models.CheckpointError` when nothing loads.
-    """
-    from . import CheckpointError, read_checkpoint
-    state, _ = read_checkpoint(path)
-    own = model.state_dict()
-    loaded = {k: v for k, v in state.items()
-              if k.startswith(OFFICIAL_PARTS) and k in own and own[k].shape == v.shape}
-    if not loaded:
-        raise CheckpointError(f"checkpoint {os.fspath(path)} has no AdaFocus part that fits this "
-                              f"model (looked for {', '.join(p.rstrip('.') for p in OFFICIAL_PARTS)})")
-    model.load_state_dict(loaded, strict=False)
-    return sorted(loaded), sorted(set(state) - set(loaded))
-
-
-
-
-FAMILY = Family(
-    name="adafocus", title="AdaFocusV3",
-    builders={"adafocus_v3": adafocus_v3},
-    exporter="adaedge.export.adafocus:export_adafocus",
-    executions=(("stages", "the glance and one piece per cube, with an exit after each"),),
-    trainer="adaedge.training.adafocus:main",
-)
-
-__all__ = ["AdaFocusV3", "adafocus_v3", "load_official_parts", "crop_cube", "FAMILY"]
+__all__ = ["AdaFocusV3", "adafocus_v3", "crop_cube"]

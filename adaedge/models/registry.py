@@ -55,10 +55,21 @@ class Family:
     options: Tuple[ExportOption, ...] = ()
     official: Optional[Sniffer] = None          # official checkpoint formats
     checkpoint_help: str = ""                   # which official files load, in words
+    # model name -> config keys an official file does not record and a user must give (a guess
+    # there would load and compute something else), each with an example value
+    official_needs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     check_state: Optional[Callable[[Mapping[str, Any], Any, str], None]] = None
     decisions: Optional[Callable[[Any, str], Optional[List[int]]]] = None  # verify: branch per clip
     branch_titles: Mapping[str, str] = field(default_factory=dict)         # branch name -> words
     trainer: Optional[str] = None               # "module:main" of its training command
+    # verify's tolerance where the family states one (relative to each value's largest
+    # magnitude; None: adaedge's 1e-4), and why
+    verify_rtol: Optional[float] = None
+    verify_rtol_why: str = ""
+    # verify's random clips: "noise" (independent values) or "smooth" (random fields, as natural
+    # frames are: for families that sample frames at positions they compute, where white noise
+    # turns float rounding of a position into large differences)
+    verify_clips: str = "noise"
 
     @property
     def default_execution(self) -> str:

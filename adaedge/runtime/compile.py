@@ -110,11 +110,9 @@ class _Compiler:
             t.CopyFrom(init)
             t.name = name(init.name)
             scope.initializers.append(t)
-        for vi in m.graph.value_info:
-            v = onnx.ValueInfoProto()
-            v.CopyFrom(vi)
-            v.name = name(vi.name)
-            scope.value_info.append(v)
+        # the pieces' inferred value_info is left out: its symbolic batch "N" means the
+        # piece's batch, which a compiled graph fixes to one clip while a piece may hold
+        # several rows per clip (frames folded into the batch)
         for node in m.graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                    for a in node.attribute):
@@ -293,7 +291,12 @@ class _Compiler:
         return dict(zip(order, outs))
 
     def criterion(self, step: Exit, scores: str, threshold: float, scope: _Scope) -> str:
-        """The exit's condition on softmax(scores): entropy <= t, or max probability >= t."""
+        """The exit's condition: entropy of softmax(scores) <= t, max probability >= t, or the
+        largest raw score >= t."""
+        if step.criterion == "max_logit":
+            top = self.node(scope, "ReduceMax", [scores], axes=[-1], keepdims=0)[0]
+            return self.node(scope, "GreaterOrEqual", [top, self.const(scope, [threshold],
+                                                                        np.float32)])[0]
         p = self.node(scope, "Softmax", [scores], axis=-1)[0]
         if step.criterion == "entropy":
             logp = self.node(scope, "Log", [self.node(scope, "Clip", [

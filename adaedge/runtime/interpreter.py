@@ -93,7 +93,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def exit_measure(scores: np.ndarray, criterion: str) -> np.ndarray:
-    """Entropy (nats, lower is surer) or max probability (higher is surer) of softmax(scores)."""
+    """Entropy (nats, lower is surer) or max probability (higher is surer) of softmax(scores),
+    or the largest raw score (``max_logit``, higher is surer: the official AdaFocus evaluation's
+    "confidence")."""
+    if criterion == "max_logit":
+        return np.asarray(scores).max(axis=1)
     p = _softmax(scores.astype(np.float64))
     if criterion == "entropy":
         return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
