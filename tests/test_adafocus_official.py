@@ -6,7 +6,8 @@ family's stated tolerance (each piece, fed the reference's inputs, within 1e-4).
 
 Tolerances: the PyTorch model 1e-4 relative to each output's largest magnitude (measured
 <= 1e-5); bundles 1e-3 end to end (patch positions come from network features, and their float32
-rounding is amplified by the local network: up to 4.6e-4 measured on these files).
+rounding is amplified by the local network: up to 4.6e-4 measured on these files; the same
+model in float64 differs from the official float32 outputs by up to 5.9e-4).
 """
 
 from __future__ import annotations
