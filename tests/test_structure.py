@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import configparser
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -216,8 +217,10 @@ def test_the_runtime_works_where_torch_cannot_be_imported(tmp_path, tiny_checkpo
     x = clips(3).numpy()
     want = runtime.load(b).classify(x).scores
     np.savez(tmp_path / "clips.npz", clips=x, scores=want)
+    # an empty cache: a demo bundle a user (or an earlier test) built would let 'demo' run
+    env = dict(os.environ, ADAEDGE_CACHE=str(tmp_path / "empty-cache"))
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(b), str(tmp_path / "clips.npz")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["imported"] >= 15 and not out["torch_loaded"]
