@@ -44,6 +44,7 @@ RULES: List[Tuple[str, Set[str]]] = [   # module prefix -> what it may import (f
     ("adaedge.models", TORCH_SIDE | {"adaedge.nn", "adaedge.models"}),
     ("adaedge.export", TORCH_SIDE | FORMAT | {"adaedge.nn", "adaedge.models", "adaedge.export"}),
     ("adaedge.calibration", RUNTIME | {"adaedge.calibration", "adaedge.data"}),
+    ("adaedge.data", {"numpy", "cv2", "adaedge.errors", "adaedge.data"}),   # no torch
 ]
 FRONT_DOORS = {"adaedge.cli", "adaedge.demo", "adaedge.bench"}
 

@@ -236,10 +236,13 @@ def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
 
 
 def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
-    """Calibration data: ``motion[:split[:count]]`` (the procedural set, normalised with the
-    bundle's mean and std) or an ``.npz`` file with normalised ``clips`` and integer ``labels``."""
-    if spec.startswith("motion"):
+    """Calibration data: ``camera[:split[:count]]`` (the camera data set) or
+    ``motion[:split[:count]]`` (the procedural set), normalised with the bundle's mean and std, or
+    an ``.npz`` file with normalised ``clips`` and integer ``labels``."""
+    if spec.split(":")[0] in ("motion", "camera"):
         from ..data import MotionDataset
+        from ..data.camera import CameraDataset
+        kind = CameraDataset if spec.startswith("camera") else MotionDataset
         parts = spec.split(":")
         split = parts[1] if len(parts) > 1 and parts[1] else "val"
         try:
@@ -250,7 +253,7 @@ def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
         if h != w:
             raise CalibrationError("the procedural data set has square clips only")
         try:
-            ds = MotionDataset(split, frames=t, size=h)
+            ds = kind(split, frames=t, size=h)
             clips, labels = ds.arrays(0, min(count, len(ds)) if count else 0)
         except ValueError as e:
             raise CalibrationError(f"bad data spec {spec!r}: {e}") from None
@@ -259,8 +262,8 @@ def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
         return (clips - mean) / std, labels
     path = Path(spec)
     if not path.is_file():
-        raise CalibrationError(f"calibration data {spec!r} is neither 'motion[:split[:count]]' "
-                               "nor an existing .npz file")
+        raise CalibrationError(f"calibration data {spec!r} is neither 'camera[:split[:count]]', "
+                               "'motion[:split[:count]]' nor an existing .npz file")
     try:
         with np.load(path, allow_pickle=False) as f:
             return np.asarray(f["clips"]), np.asarray(f["labels"])
