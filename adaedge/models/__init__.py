@@ -95,10 +95,18 @@ def _jsonable(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def save_checkpoint(model: nn.Module, path: "str | os.PathLike[str]",
-                    extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Save weights with the model's registry name and config, loadable with weights_only=True."""
+                    extra: Optional[Mapping[str, Any]] = None, float16: bool = False) -> None:
+    """Save weights with the model's registry name and config, loadable with weights_only=True.
+
+    ``float16=True`` stores float32 weight matrices and kernels (2 dimensions or more) as float16,
+    half the file; loading widens them back, so the loaded model is the float16-rounded one (what
+    an export of it computes, and what its card measured)."""
+    state = model.state_dict()
+    if float16:
+        state = {k: (v.half() if v.dtype == torch.float32 and v.dim() >= 2 else v)
+                 for k, v in state.items()}
     payload: Dict[str, Any] = {"adaedge": {"model": model_name(model), "config": model_config(model)},
-                               "state_dict": model.state_dict()}
+                               "state_dict": state}
     if extra:
         payload["adaedge"].update(dict(extra))
     torch.save(payload, os.fspath(path))
@@ -177,7 +185,12 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
             lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
         raise CheckpointError("\n".join(lines))
     check_shared(state, model, source)
-    model.load_state_dict(dict(state), strict=True)
+    odd = sorted(k for k in set(own) & set(state)
+                 if state[k].is_floating_point() != own[k].is_floating_point())
+    if odd:
+        raise CheckpointError(f"checkpoint {source}: {odd[0]} holds {state[odd[0]].dtype}, "
+                              f"the model {own[odd[0]].dtype}")
+    model.load_state_dict(dict(state), strict=True)   # float16 weights widen to the model's
 
 
 def load_checkpoint(model: nn.Module, path: "str | os.PathLike[str]") -> Dict[str, Any]:

@@ -205,7 +205,7 @@ FAMILY = Family(
                 ("masked", "every filter and frame computed, then the branch's part kept, as the "
                            "papers' code does; for comparison")),
     decisions=reference_branches,
-    branch_titles={"R1-r1": "all filters, every frame", "R1-r1/2": "half the filters",
-                   "R2-r1": "every other frame", "R2-r1/2": "half the filters, every other frame"},
+    branch_titles={"R1-r1": "full", "R1-r1/2": "half channels", "R2-r1": "every other frame",
+                   "R2-r1/2": "both halved"},
     trainer="adaedge.training.vared:main",
 )

