@@ -6,9 +6,19 @@ Capture never waits for inference. The main loop reads a frame, puts every ``fra
 (resized, normalised) into a sliding clip buffer, and every ``clip_stride`` frames offers the
 newest clip to the inference worker through a one-slot mailbox: a clip still waiting there when a
 newer one arrives is dropped and counted as skipped. The display (a window, or the output video in
-headless mode) shows each frame with the latest result: label and confidence, the branch each gate
-chose (a strip, one cell per gate), this clip's GFLOPs against the static network's, inference ms,
-display FPS and the skipped count.
+headless mode) shows each frame with the latest result, drawn to the frame's size:
+
+* the label in words and its confidence;
+* this clip's time against the static network's on this device: the worker runs the static
+  network (one graph, the benchmark's baseline) on the same clip for the first three clips and on
+  every 15th after, and shows the median of its last five times;
+* the branch each gate chose (one cell per gate, in plain words: full, half channels, every other
+  frame, both halved), or for an early-exit bundle the stage the clip left at;
+* a strip of the last six seconds: one bar per clip, its time as a share of the static network's
+  (the line), so adaptation shows as it happens.
+
+At the end :func:`summary_png` draws the run beside the output video: time per clip over the
+video's time line with the labels, and the branch mix per gate.
 
 A stream bundle (AdaFuse, one frame per call) gets every ``frame_step``-th frame as it comes, and
 the worker carries the stream's state from frame to frame: each frame is paid for once, and the
@@ -28,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,7 +49,7 @@ from .progress import Progress
 from .runtime import Runtime
 from .runtime import load as load_runtime
 
-DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "vared_r2plus1d_motion.pt"
+DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "vared_r2plus1d_camera.pt"
 
 # One colour (BGR) per branch index (a switch's branches go from the full one to the cheapest):
 # the full branch darkest, cheaper ones lighter.
@@ -137,13 +147,99 @@ def preprocess(frame: np.ndarray, size: int, mean: np.ndarray, std: np.ndarray) 
 
 @dataclass
 class ClipResult:
-    clip: int
+    clip: int                 # the index of the clip's last frame in the video
     label: str
     confidence: float
     branches: List[str]
     gflops: float
     ms: float
     branch_index: List[int] = field(default_factory=list)   # per gate, the index of its branch
+    static_ms: Optional[float] = None   # the static network's time on this device (median)
+    exit: Optional[str] = None          # the exit step the clip left at (None: it ran to the end)
+    # AdaFocus: the cubes looked at, (x0, y0, w, h) as fractions of the clip's square view
+    cubes: List[Tuple[float, float, float, float]] = field(default_factory=list)
+    # AdaFuse: the shares of gated channels kept, reused and skipped for this frame
+    channels: Optional[Tuple[float, float, float]] = None
+
+
+def extras_kind(manifest: Manifest) -> Optional[str]:
+    """What the overlay can show beyond scores for a bundle's family: ``"cubes"`` (AdaFocusV3:
+    where the policy looked), ``"channels"`` (AdaFuse: channels kept, reused, skipped), or None."""
+    family = manifest.model.get("family")
+    config = manifest.model.get("config") or {}
+    if family == "adafocus" and "cube" in config:
+        return "cubes"
+    if family == "adafuse":
+        return "channels"
+    return None
+
+
+def cubes_of(manifest: Manifest, values: Mapping[str, Any], exit: Optional[str]
+             ) -> List[Tuple[float, float, float, float]]:
+    """The cubes an AdaFocusV3 clip looked at before it left (none when it left at the glance),
+    as (x0, y0, w, h) fractions of the clip's square view (``adaedge.nn.focus``'s placement)."""
+    centres = values.get("centres")
+    if centres is None:
+        return []
+    ct, ch, cw = (int(v) for v in manifest.model["config"]["cube"])
+    size = int(manifest.input["size"][0])
+    names = [e.name for e in manifest.exits()]
+    looked = names.index(exit) if exit in names else int(np.asarray(centres).shape[1])
+    out = []
+    for k in range(looked):
+        _, cy, cx = (float(v) for v in np.clip(np.asarray(centres)[0, k], 0.0, 1.0))
+        out.append((cx * (size - cw) / size, cy * (size - ch) / size, cw / size, ch / size))
+    return out
+
+
+def channel_shares(values: Mapping[str, Any]) -> Optional[Tuple[float, float, float]]:
+    """AdaFuse: the shares of gated channels kept, reused and skipped, over every block."""
+    decisions = [np.asarray(v) for k, v in values.items() if k.endswith(".decisions")]
+    if not decisions:
+        return None
+    flat = np.concatenate([d.reshape(-1) for d in decisions])
+    keep, reuse, skip = 2, 1, 0            # adaedge.models.adafuse's KEEP, REUSE, SKIP
+    n = max(1, flat.size)
+    return (float((flat == keep).sum() / n), float((flat == reuse).sum() / n),
+            float((flat == skip).sum() / n))
+
+
+def reference_call(manifest: Manifest) -> Optional[Dict[str, Any]]:
+    """How to run a bundle's static counterpart on one clip (``classify`` options): the static
+    policy as one graph where the bundle has switches, every stage where it has exits; None for
+    a stream bundle (its frames carry state) or one with neither."""
+    if manifest.window is not None:
+        return None
+    if manifest.switches() and "static" in manifest.policies:
+        return {"force": "static", "graph": True}
+    if manifest.exits():
+        return {"exits": False}
+    return None
+
+
+class StaticClock:
+    """The static network's time per clip on this device, measured now and then on live clips."""
+
+    def __init__(self, runtime: Runtime, first: int = 3, every: int = 15, keep: int = 5) -> None:
+        self.runtime = runtime
+        self.call = reference_call(runtime.manifest)
+        self.first, self.every = first, every
+        self.times: List[float] = []
+        self.keep = keep
+        self.seen = 0
+
+    def maybe_measure(self, clip: np.ndarray) -> None:
+        if self.call is None:
+            return
+        self.seen += 1
+        if self.seen <= self.first or self.seen % self.every == 0:
+            t0 = time.perf_counter()
+            self.runtime.classify(clip, **self.call)
+            self.times = (self.times + [(time.perf_counter() - t0) * 1e3])[-self.keep:]
+
+    @property
+    def ms(self) -> Optional[float]:
+        return float(np.median(self.times)) if self.times else None
 
 
 @dataclass
@@ -161,10 +257,18 @@ class Summary:
     labels: Dict[str, int] = field(default_factory=dict)
     output: Optional[str] = None
     display_fps: float = 0.0
+    fps: float = 25.0                                           # the source's frame rate
+    timeline: List[ClipResult] = field(default_factory=list)    # every inferred clip, in order
+    gate_counts: Dict[str, Dict[str, int]] = field(default_factory=dict)   # gate -> branch -> n
+    exit_counts: Dict[str, int] = field(default_factory=dict)   # exit step (or "end") -> n
+    static_ms: Optional[float] = None                           # the static network's, measured
+    png: Optional[str] = None
+    titles: Dict[str, str] = field(default_factory=dict)        # branch name -> words
 
     def to_json(self) -> Dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         total = sum(self.branch_counts.values()) or 1
+        median = float(np.median(lat))
         return {"source": self.source, "frames_read": self.frames_read,
                 "frames_written": self.frames_written, "clips": self.clips_submitted,
                 "clips_inferred": self.clips_inferred, "clips_skipped": self.clips_skipped,
@@ -174,24 +278,36 @@ class Summary:
                 "static_gflops": round(self.static_gflops, 5),
                 "branch_share": {k: round(v / total, 4) for k, v in sorted(self.branch_counts.items())},
                 "labels": dict(sorted(self.labels.items(), key=lambda kv: -kv[1])),
-                "display_fps": round(self.display_fps, 2), "output": self.output}
+                "static_ms": round(self.static_ms, 3) if self.static_ms else None,
+                "time_saved": (round(1 - median / self.static_ms, 4)
+                               if self.static_ms and self.latencies_ms else None),
+                "exits": dict(self.exit_counts) or None,
+                "display_fps": round(self.display_fps, 2), "output": self.output,
+                "summary_png": self.png}
 
     def text(self) -> str:
         d = self.to_json()
-        shares = ", ".join(f"{k} {v * 100:.0f}%" for k, v in d["branch_share"].items())
+        shares = ", ".join(f"{self.titles.get(k, k)} {v * 100:.0f}%"
+                           for k, v in d["branch_share"].items())
         top = ", ".join(f"{k} {v}" for k, v in list(d["labels"].items())[:4])
         lines = [f"source           {d['source']}",
                  f"frames           {d['frames_read']} read, {d['frames_written']} written",
                  f"clips            {d['clips']} ({d['clips_inferred']} inferred, "
                  f"{d['clips_skipped']} skipped while inference was busy)",
-                 f"latency          median {d['median_ms']:.2f} ms, p90 {d['p90_ms']:.2f} ms",
+                 f"latency          median {d['median_ms']:.2f} ms, p90 {d['p90_ms']:.2f} ms"
+                 + (f" (static network {d['static_ms']:.2f} ms: {d['time_saved'] * 100:.0f}% "
+                    "saved)" if d["static_ms"] and d["time_saved"] is not None else ""),
                  f"GFLOPs per clip  {d['mean_gflops']:.4f} mean, static network "
                  f"{d['static_gflops']:.4f}",
                  f"branches         {shares}",
                  f"labels           {top}",
                  f"display          {d['display_fps']:.1f} FPS"]
+        if d["exits"]:
+            lines.append("left at         " + ", ".join(f"{k} {v}" for k, v in d["exits"].items()))
         if d["output"]:
             lines.append(f"output video     {d['output']}")
+        if d["summary_png"]:
+            lines.append(f"summary plot     {d['summary_png']}")
         return "\n".join(lines)
 
 
@@ -211,6 +327,10 @@ class InferenceWorker(threading.Thread):
         self.error: Optional[BaseException] = None
         self.order = [(s.name, [b.name for b in s.branches]) for s in runtime.manifest.switches()]
         self.state = runtime.initial_state(1) if runtime.manifest.window is not None else None
+        self.clock = StaticClock(runtime)
+        # cubes and channel shares are values inside the program: asking for them runs the
+        # pieces one by one (the compiled program returns scores and decisions only)
+        self.extras = extras_kind(runtime.manifest)
 
     def offer(self, index: int, clip: np.ndarray) -> None:
         with self.cond:
@@ -239,10 +359,12 @@ class InferenceWorker(threading.Thread):
                 self.busy = True
             try:
                 t0 = time.perf_counter()
-                result = self.runtime.classify(clip[None], state=self.state)
+                result = self.runtime.classify(clip[None], state=self.state,
+                                               keep_values=self.extras is not None)
                 if self.state is not None:
                     self.state = result.state
                 ms = (time.perf_counter() - t0) * 1e3
+                self.clock.maybe_measure(clip[None])
             except BaseException as e:   # surfaced by the main loop
                 self.error = e
                 return
@@ -255,7 +377,12 @@ class InferenceWorker(threading.Thread):
             position = [names.index(b) if b in names else -1
                         for b, (_, names) in zip(branches, self.order)]
             res = ClipResult(index, self.labels[k] if k < len(self.labels) else str(k),
-                             float(p[k]), branches, trace.gflops, ms, position)
+                             float(p[k]), branches, trace.gflops, ms, position,
+                             static_ms=self.clock.ms, exit=trace.exit)
+            if self.extras == "cubes":
+                res.cubes = cubes_of(self.runtime.manifest, result.values, trace.exit)
+            elif self.extras == "channels":
+                res.channels = channel_shares(result.values)
             with self.cond:
                 self.latest = res
                 self.busy = False
@@ -264,53 +391,277 @@ class InferenceWorker(threading.Thread):
                 s.latencies_ms.append(ms)
                 s.gflops.append(trace.gflops)
                 s.labels[res.label] = s.labels.get(res.label, 0) + 1
-                for b in branches:
+                s.timeline.append(res)
+                s.static_ms = self.clock.ms
+                for (gate, _), b in zip(self.order, branches):
                     s.branch_counts[b] = s.branch_counts.get(b, 0) + 1
+                    per = s.gate_counts.setdefault(gate, {})
+                    per[b] = per.get(b, 0) + 1
+                if self.runtime.manifest.exits():
+                    where = trace.exit or "end"
+                    s.exit_counts[where] = s.exit_counts.get(where, 0) + 1
+
+
+def words(label: str) -> str:
+    """A label as a person reads it: ``pan_left`` -> ``pan left``."""
+    return label.replace("_", " ")
+
+
+def _cost_colour(share: float) -> Tuple[int, int, int]:
+    """BGR from green (cheap) through yellow to red (as much as the static network or more)."""
+    t = float(np.clip(share, 0.0, 1.0))
+    return (40, int(200 - 120 * max(0.0, t - 0.5) * 2), int(60 + 190 * min(1.0, t * 2)))
 
 
 def draw_overlay(frame: np.ndarray, res: Optional[ClipResult], static_gflops: float,
                  fps: float, skipped: int,
-                 legend: Sequence[Tuple[str, Tuple[int, int, int]]] = ()) -> np.ndarray:
-    """The frame with the latest result drawn on it (a copy): three text rows, the branch strip
-    (one cell per gate, in program order) and its legend."""
+                 legend: Sequence[Tuple[str, Tuple[int, int, int]]] = (),
+                 history: Sequence[ClipResult] = (), now: int = 0, source_fps: float = 25.0,
+                 strip_seconds: float = 6.0) -> np.ndarray:
+    """The frame with the latest result drawn on it (a copy), sized to the frame (legible from
+    640x272 to 1080p): the label and its confidence, this clip's time against the static
+    network's, the branch per gate with a legend in words (or the exit stage), and a strip of
+    the last ``strip_seconds``: one bar per clip, its time as a share of the static network's."""
     import cv2
     out = frame.copy()
     h, w = out.shape[:2]
-    scale = max(0.35, min(w, h) / 600)
+    unit = max(h, w * 9 / 16) / 720.0                  # 1.0 at 720p, 0.5 at 640x360
     font = cv2.FONT_HERSHEY_SIMPLEX
-    thick = max(1, int(round(scale * 1.5)))
-    pad = int(6 * scale) + 2
-    line = int(24 * scale) + 4
-    panel_h = min(h, pad * 2 + line * 5)
-    dark = out[:panel_h].astype(np.float32) * 0.35
-    out[:panel_h] = dark.astype(np.uint8)
+    big, small = max(0.6, 1.15 * unit), max(0.42, 0.7 * unit)
+    thick_big, thick = max(1, int(round(2.2 * unit))), max(1, int(round(1.4 * unit)))
+    pad = max(4, int(10 * unit))
 
-    def put(text: str, row: int, colour: Tuple[int, int, int] = (255, 255, 255), x: int = 0) -> None:
-        cv2.putText(out, text, (pad + x, pad + line * (row + 1) - int(6 * scale) - 2), font,
-                    scale * 0.7, colour, thick, cv2.LINE_AA)
+    def size(text: str, scale: float, th: int) -> Tuple[int, int]:
+        (tw, tht), base = cv2.getTextSize(text, font, scale, th)
+        return tw, tht + base
+
+    def shade(x0: int, y0: int, x1: int, y1: int, k: float = 0.4) -> None:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 > x0 and y1 > y0:
+            out[y0:y1, x0:x1] = (out[y0:y1, x0:x1].astype(np.float32) * k).astype(np.uint8)
+
+    def put(text: str, x: int, y: int, scale: float, th: int,
+            colour: Tuple[int, int, int] = (255, 255, 255)) -> None:
+        cv2.putText(out, text, (x, y), font, scale, colour, th, cv2.LINE_AA)
 
     if res is None:
-        put("warming up: filling the first clip", 0)
+        text = "warming up: filling the first clip"
+        tw, th_ = size(text, small, thick)
+        shade(0, 0, tw + 2 * pad, th_ + 2 * pad)
+        put(text, pad, pad + th_, small, thick)
         return out
-    put(f"{res.label}  {res.confidence * 100:.0f}%", 0, (120, 255, 120))
-    share = res.gflops / static_gflops * 100 if static_gflops else 0.0
-    put(f"{res.gflops:.4f} GFLOPs ({share:.0f}% of static {static_gflops:.4f})", 1)
-    put(f"inference {res.ms:.1f} ms  display {fps:.1f} FPS  skipped {skipped}", 2)
-    n = max(1, len(res.branches))
-    cell = max(1, (w - 2 * pad) // n)
-    y0, y1 = pad + line * 3 + 2, pad + line * 4 - 4
-    for i, k in enumerate(res.branch_index):
-        colour = legend[k][1] if 0 <= k < len(legend) else (128, 128, 128)
-        cv2.rectangle(out, (pad + i * cell, y0), (pad + (i + 1) * cell - 2, y1), colour, -1)
-    x = 0
-    chip = int(12 * scale) + 4
-    for name, colour in legend:
-        yb = pad + line * 4 + 2
-        cv2.rectangle(out, (pad + x, yb + 2), (pad + x + chip, yb + line - 8), colour, -1)
-        put(name, 4, (230, 230, 230), x + chip + 4)
-        (text_w, _), _ = cv2.getTextSize(name, font, scale * 0.7, thick)
-        x += chip + text_w + 16
+    lines: List[Tuple[str, float, int, Tuple[int, int, int]]] = [
+        (f"{words(res.label)}  {res.confidence * 100:.0f}%", big, thick_big, (130, 255, 130))]
+    if res.static_ms:
+        saved = 1 - res.ms / res.static_ms
+        lines.append((f"{res.ms:.1f} ms  vs static {res.static_ms:.1f} ms  "
+                      f"({abs(saved) * 100:.0f}% {'less' if saved >= 0 else 'more'})",
+                      small, thick, (255, 255, 255)))
+    else:
+        lines.append((f"{res.ms:.1f} ms", small, thick, (255, 255, 255)))
+    if static_gflops:
+        lines.append((f"{res.gflops / static_gflops * 100:.0f}% of the static network's "
+                      f"GFLOPs", small, thick, (220, 220, 220)))
+    if res.exit is not None or (not res.branch_index and res.exit is None and not legend
+                                and res.channels is None):
+        looked = len(res.cubes)
+        lines.append((f"left at {res.exit or 'the last stage'}"
+                      + (f" after {looked} cube{'s' if looked != 1 else ''}" if looked else
+                         " after the glance" if res.exit else ""),
+                      small, thick, (220, 220, 220)))
+    if res.channels is not None:
+        kept, reused, dropped = res.channels
+        lines.append((f"channels: kept {kept * 100:.0f}%  reused {reused * 100:.0f}%  "
+                      f"skipped {dropped * 100:.0f}%", small, thick, (220, 220, 220)))
+    lines.append((f"display {fps:.0f} fps  skipped {skipped}", small * 0.85, thick,
+                  (190, 190, 190)))
+    heights = [size(t, sc, th)[1] for t, sc, th, _ in lines]
+    widths = [size(t, sc, th)[0] for t, sc, th, _ in lines]
+    gap = max(2, int(6 * unit))
+    cells = len(res.branch_index)
+    cell_h = max(6, int(16 * unit))
+    legend_rows: List[List[Tuple[str, Tuple[int, int, int]]]] = []
+    if cells and legend:
+        row: List[Tuple[str, Tuple[int, int, int]]] = []
+        row_w = 0
+        chip = cell_h
+        for name, colour in legend:
+            item_w = chip + gap + size(name, small, thick)[0] + 3 * gap
+            if row and row_w + item_w > w - 2 * pad:
+                legend_rows.append(row)
+                row, row_w = [], 0
+            row.append((name, colour))
+            row_w += item_w
+        legend_rows.append(row)
+    line_h = size("Ag", small, thick)[1]
+    panel_w = min(w, max(widths + [int(0.45 * w)]) + 2 * pad)
+    panel_h = pad + sum(heights) + gap * len(lines)
+    if cells:
+        panel_h += cell_h + gap + len(legend_rows) * (line_h + gap)
+    panel_h += pad
+    if legend_rows:
+        panel_w = max(panel_w, min(w, max(sum(cell_h + 4 * gap + size(n, small, thick)[0]
+                                              for n, _ in r) for r in legend_rows) + 2 * pad))
+    if res.cubes:                       # where the policy looked, on the clip's square view
+        side = min(h, w)
+        ox, oy = (w - side) // 2, (h - side) // 2
+        for k, (cx0, cy0, cw_, ch_) in enumerate(res.cubes):
+            p0 = (ox + int(cx0 * side), oy + int(cy0 * side))
+            p1 = (ox + int((cx0 + cw_) * side), oy + int((cy0 + ch_) * side))
+            cv2.rectangle(out, p0, p1, (60, 220, 255), max(1, thick))
+            put(f"cube {k + 1}", p0[0] + gap, p1[1] - gap, small, thick, (60, 220, 255))
+    shade(0, 0, panel_w, panel_h)
+    y = pad
+    for (text, scale, th, colour), hh in zip(lines, heights):
+        y += hh
+        put(text, pad, y - max(1, hh // 5), scale, th, colour)
+        y += gap
+    if cells:
+        cell_w = max(2, (panel_w - 2 * pad) // cells)
+        for i, k in enumerate(res.branch_index):
+            colour = legend[k][1] if 0 <= k < len(legend) else (128, 128, 128)
+            cv2.rectangle(out, (pad + i * cell_w, y), (pad + (i + 1) * cell_w - 2, y + cell_h),
+                          colour, -1)
+        y += cell_h + gap
+        for row in legend_rows:
+            x = pad
+            for name, colour in row:
+                cv2.rectangle(out, (x, y + 2), (x + cell_h, y + line_h - 2), colour, -1)
+                put(name, x + cell_h + gap, y + line_h - max(1, line_h // 5), small, thick,
+                    (235, 235, 235))
+                x += cell_h + 4 * gap + size(name, small, thick)[0]
+            y += line_h + gap
+    # the strip: the last seconds, one bar per clip, time as a share of the static network's
+    recent = [r for r in history if now - r.clip <= strip_seconds * source_fps]
+    strip_h = max(24, int(70 * unit))
+    y1, y0 = h - pad, h - pad - strip_h
+    x0, x1 = pad, w - pad
+    if recent and y0 > panel_h:
+        shade(0, y0 - line_h - 2 * gap, w, h, 0.45)
+        ref = res.static_ms
+        put(f"time per clip, last {strip_seconds:g} s" + (" (line: static network)" if ref else ""),
+            x0, y0 - gap, small, thick, (235, 235, 235))
+        top = max([r.ms for r in recent] + ([ref * 1.15] if ref else []))
+        span = strip_seconds * source_fps
+        bar_w = max(2, int((x1 - x0) / max(1.0, span / max(1, _stride(recent)))) - 2)
+        for r in recent:
+            bx = x1 - int((now - r.clip) / span * (x1 - x0)) - bar_w
+            bh = int(r.ms / top * (y1 - y0))
+            share = r.ms / ref if ref else 1.0
+            cv2.rectangle(out, (bx, y1 - bh), (bx + bar_w, y1), _cost_colour(share), -1)
+        if ref:
+            ly = y1 - int(ref / top * (y1 - y0))
+            cv2.line(out, (x0, ly), (x1, ly), (255, 255, 255), max(1, thick // 2 + 1),
+                     cv2.LINE_AA)
     return out
+
+
+def _stride(results: Sequence[ClipResult]) -> int:
+    """Frames between consecutive clips (the bars' spacing)."""
+    if len(results) < 2:
+        return 8
+    return max(1, int(np.median(np.diff([r.clip for r in results]))))
+
+
+def summary_png(summary: Summary, path: Union[str, Path],
+                legend: Sequence[Tuple[str, Tuple[int, int, int]]] = ()) -> Path:
+    """The run in one picture: time per clip over the video's time line (dots coloured by the
+    time's share of the static network's, the static network's time as a line, the label
+    written where it changes), and below it the branch mix per gate (or the exit stages)."""
+    import cv2
+    width, top_h = 1200, 420
+    gates = list(summary.gate_counts)
+    bottom_h = 110 + 22 * max(len(gates), len(summary.exit_counts), 1)
+    img = np.full((top_h + bottom_h, width, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    left, right, t0, t1 = 80, width - 30, 50, top_h - 60
+    cv2.putText(img, f"{Path(summary.source).name}: time per clip"
+                + (f" (static network {summary.static_ms:.1f} ms)" if summary.static_ms else ""),
+                (left, 30), font, 0.65, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(img, (left, t0), (right, t1), (0, 0, 0), 1)
+    tl = summary.timeline
+    if tl:
+        fps = summary.fps or 25.0
+        secs = [r.clip / fps for r in tl]
+        end = max(secs[-1], 1e-3)
+        top = max([r.ms for r in tl] + [(summary.static_ms or 0) * 1.15]) or 1.0
+
+        def px(t: float) -> int:
+            return left + int(t / end * (right - left))
+
+        def py(ms: float) -> int:
+            return t1 - int(ms / top * (t1 - t0))
+
+        for k in range(5):
+            ms = top * k / 4
+            cv2.putText(img, f"{ms:.0f}", (left - 45, py(ms) + 5), font, 0.45, (80, 80, 80), 1,
+                        cv2.LINE_AA)
+            cv2.line(img, (left, py(ms)), (right, py(ms)), (230, 230, 230), 1)
+        if summary.static_ms:
+            cv2.line(img, (left, py(summary.static_ms)), (right, py(summary.static_ms)),
+                     (60, 60, 60), 2)
+        for t, r in zip(secs, tl):
+            share = r.ms / summary.static_ms if summary.static_ms else 1.0
+            cv2.circle(img, (px(t), py(r.ms)), 4, _cost_colour(share), -1, cv2.LINE_AA)
+        last = None
+        for t, r in zip(secs, tl):
+            if r.label != last:
+                cv2.line(img, (px(t), t1), (px(t), t1 + 8), (0, 0, 0), 1)
+                cv2.putText(img, words(r.label), (px(t) + 2, t1 + 22), font, 0.42, (0, 0, 0), 1,
+                            cv2.LINE_AA)
+                last = r.label
+        cv2.putText(img, f"video time (s), 0 to {end:.1f}; ms per clip on the left",
+                    (left, top_h - 12), font, 0.45, (80, 80, 80), 1, cv2.LINE_AA)
+    y = top_h + 30
+    colours = {name: colour for name, colour in legend}
+    names = [n for n, _ in legend]
+    if gates:
+        cv2.putText(img, "branch mix per gate", (left, y - 8), font, 0.55, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        for gate in gates:
+            y += 22
+            counts = summary.gate_counts[gate]
+            total = sum(counts.values()) or 1
+            x = left + 160
+            cv2.putText(img, gate, (10, y + 12), font, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+            for branch, n in sorted(counts.items()):
+                title = summary.titles.get(branch, branch)
+                span = int(n / total * (right - left - 160))
+                cv2.rectangle(img, (x, y), (x + span, y + 16),
+                              colours.get(title, (150, 150, 150)), -1)
+                x += span
+        x = left
+        for title in names:
+            cv2.rectangle(img, (x, y + 30), (x + 14, y + 44), colours[title], -1)
+            cv2.putText(img, title, (x + 20, y + 43), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            x += 40 + cv2.getTextSize(title, font, 0.45, 1)[0][0]
+    elif summary.exit_counts:
+        cv2.putText(img, "clips leaving at each stage", (left, y - 8), font, 0.55, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        total = sum(summary.exit_counts.values()) or 1
+        for where, n in summary.exit_counts.items():
+            y += 22
+            cv2.putText(img, where, (10, y + 12), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.rectangle(img, (left + 160, y), (left + 160 + int(n / total * (right - left - 160)),
+                                                 y + 16), (200, 140, 60), -1)
+    path = Path(path)
+    if not cv2.imwrite(str(path), img):
+        raise SourceError(f"cannot write the summary plot {path}")
+    return path
+
+
+def warm_up(runtime: Runtime, clock: StaticClock) -> None:
+    """Run a clip of zeros through the bundle (and its static counterpart) before playback: the
+    first call of a session pays for its set-up (hundreds of ms), which no clip should."""
+    shape = [1] + list(runtime.manifest.full_clip_shape)
+    if runtime.manifest.window is not None:
+        shape[2] = 1
+    zeros = np.zeros(shape, np.float32)
+    state = runtime.initial_state(1) if runtime.manifest.window is not None else None
+    for _ in range(2):
+        runtime.classify(zeros, state=state)
+        if clock.call is not None:
+            runtime.classify(zeros, **clock.call)
 
 
 def gui_available() -> bool:
@@ -331,8 +682,9 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
              output: Union[None, str, Path] = None, frame_step: int = 2, clip_stride: int = 8,
              pace: Optional[bool] = None, max_frames: Optional[int] = None,
              progress: Progress = None, log: Callable[[str], None] = print,
-             **backend_options: Any) -> Summary:
-    """Run the demo; returns its summary (see the module docstring)."""
+             plot: Union[None, str, Path] = None, **backend_options: Any) -> Summary:
+    """Run the demo; returns its summary (see the module docstring). ``plot``: where to write
+    the summary PNG (default: beside the output video, same name, ``.png``; none without one)."""
     require("cv2", "adaedge demo", "demo")
     import cv2
     if frame_step < 1 or clip_stride < 1:
@@ -360,10 +712,14 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         if "static" in b.manifest.policies:
             summary.static_gflops = b.manifest.policy_flops("static") / 1e9
         legend = branch_legend(b.manifest)
+        titles = b.manifest.model.get("branch_titles") or {}
+        summary.titles = {str(k): str(v) for k, v in titles.items()}
         worker = InferenceWorker(runtime, labels, summary)
+        warm_up(runtime, worker.clock)
         worker.start()
         fps_src = cap.get(cv2.CAP_PROP_FPS) or 0.0
         fps_src = fps_src if 1.0 <= fps_src <= 240.0 else 25.0
+        summary.fps = fps_src
         writer = None
         buffer: List[np.ndarray] = []
         shown: List[float] = []
@@ -397,7 +753,8 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             fps = (len(shown) - 1) / (shown[-1] - shown[0]) if len(shown) > 1 and \
                 shown[-1] > shown[0] else 0.0
             annotated = draw_overlay(frame, worker.latest, summary.static_gflops, fps,
-                                     summary.clips_skipped, legend)
+                                     summary.clips_skipped, legend, summary.timeline[-64:],
+                                     index, fps_src)
             if output is not None:
                 if writer is None:
                     h, w = annotated.shape[:2]
@@ -426,6 +783,10 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         summary.output = str(output) if output is not None else None
         if writer is not None:
             writer.release()
+        if plot is None and output is not None:
+            plot = Path(output).with_suffix(".png")
+        if plot is not None:
+            summary.png = str(summary_png(summary, plot, legend))
         if not headless:
             cv2.destroyAllWindows()
         return summary

@@ -10,7 +10,6 @@ import pytest
 
 from adaedge import models, runtime
 from adaedge.cli import main
-from adaedge.data import CLASSES, MotionDataset
 from adaedge.demo import DEMO_CHECKPOINT, SourceError, default_video, demo_bundle, run_demo
 from adaedge.export import export
 from adaedge.training.vared import normalise
@@ -55,6 +54,66 @@ def test_headless_demo_on_a_recorded_video_writes_one_frame_per_input_frame(labe
     assert d["median_ms"] > 0 and 0 < d["mean_gflops"] and abs(sum(d["branch_share"].values()) - 1) < 1e-3
     text = summary.text()
     assert "60 read, 60 written" in text and str(out) in text
+    # the static network was timed on live clips, and the summary PNG lies beside the video
+    assert d["static_ms"] > 0 and d["time_saved"] is not None
+    assert len(summary.timeline) == summary.clips_inferred
+    assert all(r.static_ms is not None for r in summary.timeline)
+    png = cv2.imread(str(out.with_suffix(".png")))
+    assert d["summary_png"] == str(out.with_suffix(".png")) and png.shape[1] == 1200
+    assert sum(sum(c.values()) for c in summary.gate_counts.values()) == 37 * summary.clips_inferred
+
+
+def test_the_overlay_is_drawn_to_the_frames_size_in_words():
+    """Legible from 640x272 to 1080p: text and strip scale with the frame, the picture stays
+    mostly visible, and the gates' branches are named in plain words."""
+    from adaedge.demo import ClipResult, draw_overlay
+    legend = [("full", (40, 40, 200)), ("half channels", (40, 160, 230)),
+              ("every other frame", (60, 200, 120)), ("both halved", (200, 230, 120))]
+    history = [ClipResult(8 * i, "pan_left", 0.9, [], 0.1, 5.0 + i % 3, [0] * 21, 9.0)
+               for i in range(1, 20)]
+    res = history[-1]
+    res.branch_index = [i % 4 for i in range(21)]
+    drawn = {}
+    for h, w in ((272, 640), (1080, 1920)):
+        frame = np.full((h, w, 3), 128, np.uint8)
+        out = draw_overlay(frame, res, 0.2, 25.0, 0, legend, history, history[-1].clip, 25.0)
+        changed = np.abs(out.astype(int) - frame).sum(-1) > 0
+        assert changed.mean() < 0.6, (h, w)                     # the picture stays visible
+        rows = np.flatnonzero(changed[:, : w // 3].any(1))
+        drawn[h] = rows[rows < h // 2].max()                     # the panel's bottom edge
+        assert changed[h - 5:].any()                             # the strip at the bottom
+    assert 2.5 < drawn[1080] / drawn[272] < 3.5                 # 3x the unit: 3x the text
+
+
+def test_vared_bundles_name_their_branches_in_plain_words(labelled_bundle):
+    from adaedge.bundle import load as load_bundle
+    from adaedge.demo import branch_legend
+    words = [w for w, _ in branch_legend(load_bundle(labelled_bundle).manifest)]
+    assert words == ["full", "half channels", "every other frame", "both halved"]
+
+
+def test_the_demo_runs_adafocus_and_adafuse_stream_bundles(tmp_path):
+    """Every family in the demo: AdaFocusV3 draws its cubes and says where each clip left;
+    an AdaFuse stream bundle shows the channels kept, reused and skipped per frame."""
+    from .test_adafocus import tiny_focus
+    from .test_adafuse import tiny_adafuse
+    focus = tmp_path / "focus"
+    export(tiny_focus(seed=3), focus, labels=[f"c{i}" for i in range(tiny_focus().num_classes)])
+    s = run_demo(source=default_video(), bundle=focus, headless=True, output=tmp_path / "f.mp4",
+                 max_frames=40, pace=True, log=lambda m: None)
+    assert s.frames_written == 40 and _frames(tmp_path / "f.mp4") == 40
+    assert s.clips_inferred >= 2 and sum(s.exit_counts.values()) == s.clips_inferred
+    assert all(r.cubes and all(0 <= v <= 1 for box in r.cubes for v in box) for r in s.timeline)
+    assert (tmp_path / "f.png").is_file() and s.static_ms is not None
+    fuse = tmp_path / "fuse"
+    model = tiny_adafuse(seed=1)
+    export(model, fuse, execution="gathered", labels=[f"c{i}" for i in range(5)])
+    s = run_demo(source=default_video(), bundle=fuse, headless=True, output=tmp_path / "a.mp4",
+                 max_frames=24, pace=True, log=lambda m: None)
+    assert s.frames_written == 24 and _frames(tmp_path / "a.mp4") == 24
+    shares = [r.channels for r in s.timeline]
+    assert shares and all(c is not None and abs(sum(c) - 1) < 1e-6 for c in shares)
+    assert (tmp_path / "a.png").is_file()
 
 
 def test_paced_playback_keeps_up_with_the_file_and_skips_nothing(labelled_bundle, tmp_path):
@@ -88,7 +147,8 @@ def test_the_demo_command_prints_a_json_summary(labelled_bundle, tmp_path, capsy
 
 # -- the shipped checkpoint ---------------------------------------------------------------
 
-SAMPLE = 300   # a fixed sample: the first 300 clips of the test split
+SAMPLE = 270   # a fixed sample: the first 270 clips of the test split (30 per class)
+CAMERA_MOVING = ("pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out", "shake")
 
 
 @pytest.fixture(scope="module")
@@ -102,23 +162,34 @@ def shipped(tmp_path_factory):
     return runtime.load(out), meta
 
 
-def test_shipped_checkpoint_reaches_its_stated_accuracy(shipped):
+def test_shipped_checkpoint_reaches_its_stated_accuracy_and_still_versus_moving_cost(shipped):
+    """Recomputed here on a fixed sample of held-out footage, not copied: top-1 within 0.04 of
+    the card's (and at least 0.88), the GFLOPs of every class within 10% of the card's, and
+    the still-versus-camera-moving GFLOPs ratio within 0.1 of the card's."""
+    pytest.importorskip("skimage")
+    from adaedge.data.camera import CLASSES, CameraDataset
     rt, meta = shipped
-    x, y = MotionDataset("test", rt.manifest.input["frames"], rt.manifest.input["size"][0],
-                         SAMPLE).arrays()
+    assert list(meta["labels"]) == list(CLASSES)
+    x, y = CameraDataset("test", rt.manifest.input["frames"], rt.manifest.input["size"][0],
+                         SAMPLE).arrays_uint8()
     result = rt.classify(normalise(x))
     accuracy = float((result.labels == y).mean())
-    assert abs(accuracy - meta["test_top1"]) <= 0.05, (accuracy, meta["test_top1"])
+    assert abs(accuracy - meta["test_top1"]) <= 0.04 and accuracy >= 0.88, \
+        (accuracy, meta["test_top1"])
     flops = np.array([t.flops for t in result.traces]) / 1e9
     per_class = meta["gflops_per_class"]
-    for k, name in enumerate(CLASSES):    # the card's GFLOPs per class hold on this sample
+    for k, name in enumerate(CLASSES):
         assert abs(flops[y == k].mean() - per_class[name]) <= 0.1 * per_class[name], name
+    still = flops[y == CLASSES.index("still")].mean()
+    moving = flops[np.isin(y, [CLASSES.index(c) for c in CAMERA_MOVING])].mean()
+    stated = meta["still_vs_camera_moving_gflops"]
+    assert abs(still / moving - stated) <= 0.1, (still / moving, stated)
 
 
 def test_shipped_checkpoint_is_small_and_documented():
-    assert DEMO_CHECKPOINT.stat().st_size < 10 * 2 ** 20
+    assert DEMO_CHECKPOINT.stat().st_size < 20 * 2 ** 20
     card = DEMO_CHECKPOINT.with_suffix(".md").read_text()
-    assert "What it is not" in card and "adaedge train" in card
+    assert "What it is" in card and "adaedge train" in card and "bench_adaptive.py" in card
 
 
 def test_default_demo_bundle_is_exported_once_into_the_cache(monkeypatch, tmp_path):
