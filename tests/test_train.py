@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adaedge import models
+from adaedge.errors import CheckpointError
 from adaedge.data.camera import CLASSES, CameraDataset
 from adaedge.training.vared import TrainConfig, _phase, build_model, normalise, train
 
@@ -44,3 +45,28 @@ def test_the_training_command_writes_checkpoint_and_model_card(tmp_path):
     card = out.with_suffix(".md").read_text()
     assert "adaedge train (test)" in card and "What it is not" in card
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_init_continues_from_a_checkpoint_and_the_card_records_both_commands(tmp_path):
+    first = tmp_path / "a.pt"
+    small = dict(frames=4, size=16, width_mult=0.125, train_clips=32, test_clips=18, batch=16,
+                 minutes=0.02)
+    train(TrainConfig(out=str(first), command="adaedge train (first)", **small),
+          log=lambda s: None)
+    second = tmp_path / "b.pt"
+    cfg = TrainConfig(out=str(second), init=str(first), static_share=0.0, branch_share=0.0,
+                      command="adaedge train (gates)", **small)
+    model, _ = train(cfg, log=lambda s: None)
+    _, meta = models.read_checkpoint(second)
+    assert meta["made_by"] == ["adaedge train (first)", "adaedge train (gates)"]
+    card = second.with_suffix(".md").read_text()
+    assert "`adaedge train (first)`, then `adaedge train (gates)`" in card
+    # only the gates learnt: every other weight is the first checkpoint's
+    a = models.load_model(first).state_dict()
+    for name, value in model.state_dict().items():
+        if ".gate." not in name and value.is_floating_point():
+            assert torch.equal(value.float(), a[name].float()), name
+    # a checkpoint of another configuration is refused with one clear error
+    with pytest.raises(CheckpointError, match="not a VA-RED² checkpoint of this configuration"):
+        train(TrainConfig(out=str(tmp_path / "c.pt"), init=str(first), static_share=0.0,
+                          branch_share=0.0, **dict(small, size=24)), log=lambda s: None)
