@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from adaedge import bundle as bundle_mod
@@ -220,3 +221,46 @@ def test_a_cached_graph_with_external_data_is_refused(copy):
     (folder / "index.json").write_text(json.dumps(index))
     with pytest.raises(BundleError, match="engine for piece 'head'.*external file"):
         runtime.load(copy)
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", ".hidden", "..", "a\x00b"])
+def test_piece_and_value_names_are_never_paths(copy, bad):
+    """Tools name files after pieces (the engine caches): a name that could be a path is refused
+    when the manifest is read, wherever it stands."""
+    _edit(copy, lambda d: d["pieces"].update({bad: d["pieces"]["head"]}))
+    with pytest.raises(BundleError, match="names are never paths|non-empty name"):
+        runtime.load(copy)
+    _edit(copy, lambda d: (d["pieces"].pop(bad), d.update(output=bad)))
+    with pytest.raises(BundleError, match="names are never paths|non-empty name"):
+        runtime.load(copy)
+
+
+def test_build_writes_nothing_through_links_the_bundle_ships(copy, tmp_path):
+    """A hostile bundle ships links where 'build' writes (the engines, their temporary files,
+    the index): build replaces what lies inside the bundle and never writes through a link."""
+    from adaedge.runtime import build, create_backend
+    key = create_backend("onnxruntime").cache_key
+    folder = copy / "engines" / key
+    folder.mkdir(parents=True)
+    victims = []
+    names = list(json.loads((copy / "manifest.json").read_text())["pieces"])
+    for i, file in enumerate(["index.json"] + [f"{n}.onnx" for n in names] +
+                             [f".{n}.tmp.onnx" for n in names]):
+        victim = tmp_path / f"victim{i}"
+        victim.write_text("keep me")
+        os.symlink(victim, folder / file)
+        victims.append(victim)
+    build(copy, "onnxruntime")
+    assert all(v.read_text() == "keep me" for v in victims)
+    for n in names:
+        assert (folder / f"{n}.onnx").is_file() and not (folder / f"{n}.onnx").is_symlink()
+    assert not (folder / "index.json").is_symlink()
+    runtime.load(copy).classify(np.zeros((1, 3, 5, 32, 32), np.float32))
+    # an engines folder that is itself a link out of the bundle is refused
+    other = copy.parent / "other"
+    shutil.copytree(copy, other, symlinks=True)
+    shutil.rmtree(other / "engines")
+    os.symlink(tmp_path, other / "engines")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        build(other, "onnxruntime")
+    assert not (tmp_path / key).exists()

@@ -155,6 +155,30 @@ def test_cache_returns_only_engines_built_for_this_setup(tiny_bundle, tmp_path):
         cache.lookup("head", key)
 
 
+def test_the_engine_cache_writes_and_reads_nothing_through_links_the_bundle_ships(tiny_bundle,
+                                                                                   tmp_path):
+    root = shutil.copytree(tiny_bundle, tmp_path / "b")
+    bundle = load_bundle(root)
+    cache = EngineCache(bundle)
+    key = engine_key(bundle.manifest.pieces["head"].sha256, "10.3.0", DEVICE, "fp16", 1, None)
+    cache.folder.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    os.symlink(victim, cache.folder / f"head.{trt_backend.key_digest(key)}.engine")
+    path = cache.store("head", key, b"engine bytes")      # replaces the link, never follows it
+    assert victim.read_text() == "keep me" and not path.is_symlink()
+    assert cache.lookup("head", key) == (b"engine bytes", "")
+    cache.index_path.unlink()
+    outside = tmp_path / "index.json"
+    outside.write_text(json.dumps({"pieces": {}}))
+    os.symlink(outside, cache.index_path)                 # an index shipped as a link out
+    with pytest.raises(BundleError, match="unreadable"):
+        cache.lookup("head", key)
+    with pytest.raises(BundleError, match="unreadable"):
+        cache.store("head", key, b"engine bytes")
+    assert json.loads(outside.read_text()) == {"pieces": {}}
+
+
 def test_keys_cover_what_an_engine_depends_on():
     base = engine_key("a" * 64, "10.3.0", DEVICE, "fp32", 1, None)
     for changed in (engine_key("b" * 64, "10.3.0", DEVICE, "fp32", 1, None),

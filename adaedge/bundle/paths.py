@@ -34,6 +34,17 @@ def safe_join(root: Union[str, Path], relative: str) -> Path:
     return target
 
 
+def child(folder: Union[str, Path], filename: str) -> Path:
+    """``folder / filename`` for a file a tool is about to replace: ``filename`` must be one plain
+    name (no separator, not ``.`` or ``..``); the last component is not resolved, so that a link
+    the bundle ships there is replaced (``os.replace``), never followed. ``folder`` must already
+    be checked (:func:`safe_join`)."""
+    if not filename or filename in (".", "..") or "/" in filename or "\\" in filename or \
+            "\0" in filename:
+        raise BundleError(f"{filename!r} is not a plain file name")
+    return Path(folder) / filename
+
+
 def sha256_file(path: Union[str, Path]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -62,4 +73,4 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
     return path
 
 
-__all__ = ["safe_join", "sha256_file", "write_atomic"]
+__all__ = ["child", "safe_join", "sha256_file", "write_atomic"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..errors import BundleError
-from .specs import Piece, io_map, name, need
+from .specs import Piece, io_map, label, name, need
 from .vocabulary import CRITERIA, LAYOUTS, STEP_OPS
 
 
@@ -157,7 +157,7 @@ class Switch:
         branches: List[Branch] = []
         for j, b in enumerate(raw_branches):
             bw = f"{where}.branches[{j}]"
-            bname = name(need(b, "name", str, bw), f"{bw}.name")
+            bname = label(need(b, "name", str, bw), f"{bw}.name")
             if isinstance(b, dict) and "pass" in b and "piece" not in b:
                 branches.append(Branch(bname, passes=dict(need(b, "pass", dict, bw))))
                 continue

@@ -28,10 +28,27 @@ def need(obj: Mapping[str, Any], key: str, kind: Any, where: str) -> Any:
     return val
 
 
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+:@[]")
+
+
 def name(val: Any, where: str) -> str:
-    """A non-empty name of at most 200 characters."""
+    """A non-empty identifier of at most 200 characters: letters, digits and ``_ . - + : @ [ ]``,
+    not starting with a dot. Piece, step and value names are identifiers, never paths: tools
+    build file names from them (the engine caches), so a slash, a backslash, ``..`` or a leading
+    dot is refused here, once, for every name a manifest holds."""
     if not isinstance(val, str) or not val or len(val) > 200:
         raise BundleError(f"manifest: {where} must be a non-empty name, got {val!r}")
+    if val.startswith(".") or not NAME_CHARS.issuperset(val):
+        raise BundleError(f"manifest: {where} {val[:60]!r} is not a name (letters, digits and "
+                          "_ . - + : @ [ ], not starting with a dot): names are never paths")
+    return val
+
+
+def label(val: Any, where: str) -> str:
+    """A non-empty printable label of at most 200 characters (a branch's name: shown, never
+    used to name a file)."""
+    if not isinstance(val, str) or not val or len(val) > 200 or not val.isprintable():
+        raise BundleError(f"manifest: {where} must be a non-empty printable label, got {val!r}")
     return val
 
 

@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
+from ...bundle.paths import child
 from ...errors import BackendUnavailable, BundleError, UsageError
 from ...progress import Progress
 from .base import Backend, BackendOption
@@ -183,6 +185,9 @@ class OnnxRuntimeBackend(Backend):
         path = self._index_path(bundle)
         if not path.is_file():
             return {}
+        path = safe_join(path.parent, path.name)      # a link out of the bundle is refused
+        if not path.is_file():
+            return {}
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -202,15 +207,23 @@ class OnnxRuntimeBackend(Backend):
         for i, name in enumerate(names):
             if progress:
                 progress(i, len(names), name)
-            target = folder / f"{name}.onnx"
-            tmp = folder / f".{name}.tmp.onnx"
-            self._session(self._checked(bundle, name), name, True, tmp)
-            os.replace(tmp, target)
+            # the piece name is an identifier (checked with the manifest); the target is checked
+            # again to lie inside the bundle, and ONNX Runtime writes to a fresh file of our own
+            # (never to a path the bundle may ship as a link), renamed over the target
+            target = child(folder, f"{name}.onnx")
+            fd, tmp_name = tempfile.mkstemp(prefix=".piece.", suffix=".tmp.onnx", dir=folder)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                self._session(self._checked(bundle, name), name, True, tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
             index[name] = {"file": target.name, "source_sha256": bundle.manifest.pieces[name].sha256,
                            "sha256": sha256_file(target)}
         if progress:
             progress(len(names), len(names), "done")
-        write_atomic(self._index_path(bundle), json.dumps(
+        write_atomic(child(folder, "index.json"), json.dumps(
             {"key": self.cache_key, "threads": self.threads, "pieces": index}, indent=1))
         return folder
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .... import __version__
 from ....bundle import Bundle, safe_join, write_atomic
+from ....bundle.paths import child
 from ....errors import BundleError
 
 CACHE = "tensorrt"
@@ -52,7 +53,9 @@ class EngineCache:
         if not self.index_path.is_file():
             return {}
         try:
-            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+            # read through safe_join: an index the bundle ships as a link out of it is refused
+            text = safe_join(self.folder, "index.json").read_text(encoding="utf-8")
+            data = json.loads(text)
         except (OSError, ValueError):
             raise BundleError(f"engine cache index {self.index_path} is unreadable; delete "
                               f"{self.folder} and run 'adaedge build --backend tensorrt'") from None
@@ -81,11 +84,13 @@ class EngineCache:
     def store(self, piece: str, key: Mapping[str, Any], engine: bytes) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{piece}.{key_digest(key)}.engine"
-        path = write_atomic(safe_join(self.folder, name), engine)
+        # names are identifiers (checked with the manifest); a link the bundle ships at the
+        # engine's or the index's place is replaced, never followed
+        path = write_atomic(child(self.folder, name), engine)
         index = self.read()
         index[piece] = {"file": name, "key": dict(key),
                         "sha256": hashlib.sha256(engine).hexdigest()}
-        write_atomic(self.index_path, json.dumps({"pieces": index}, indent=1))
+        write_atomic(child(self.folder, "index.json"), json.dumps({"pieces": index}, indent=1))
         return path
 
 
