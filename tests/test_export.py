@@ -148,6 +148,75 @@ def test_export_replaces_a_bundle_only_when_asked(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # no leftovers
 
 
+def test_overwrite_replaces_only_what_the_old_bundle_lists(tiny, tmp_path):
+    out = tmp_path / "b"
+    export(tiny, out)
+    (out / "model.pt").write_text("the checkpoint being exported")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("mine")
+    (out / "graphs" / "extra.txt").write_text("also mine")
+    old = json.loads((out / "manifest.json").read_text())
+    export(tiny, out, overwrite=True, weights={"source": "second"})
+    assert json.loads((out / "manifest.json").read_text())["model"]["weights"] == \
+        {"source": "second"} != old["model"]["weights"]
+    assert (out / "model.pt").read_text() == "the checkpoint being exported"
+    assert (out / "notes" / "todo.txt").read_text() == "mine"
+    assert (out / "graphs" / "extra.txt").read_text() == "also mine"
+    bundle_mod.load(out).verify_files()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]          # no leftovers
+
+
+def test_a_folder_whose_manifest_is_not_an_adaedge_bundle_is_never_replaced(tiny, tmp_path):
+    other = tmp_path / "site"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"name": "a web app"}))
+    (other / "index.html").write_text("keep me")
+    with pytest.raises(ExportError, match="not an adaedge bundle"):
+        export(tiny, other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == ["index.html", "manifest.json"]
+
+
+@pytest.mark.parametrize("when", ["writing", "swapping"])
+def test_an_interrupted_overwrite_leaves_the_old_bundle_whole(tiny, tmp_path, monkeypatch, when):
+    """Ctrl-C (or SIGTERM) while the new bundle is written, or at the swap itself: the old
+    bundle and the user's files stay as they were, and no temporary folder is left behind."""
+    import os
+    import signal
+
+    import adaedge.export as export_mod
+    import adaedge.export.replace as replace_mod
+    out = tmp_path / "b"
+    export(tiny, out)
+    (out / "notes.txt").write_text("mine")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if when == "writing":
+        real_write = export_mod._write
+
+        def write_then_terminate(*args, **kwargs):
+            real_write(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)        # as `kill` would
+        monkeypatch.setattr(export_mod, "_write", write_then_terminate)
+        expected = replace_mod.Terminated
+    else:
+        real_replace = os.replace
+
+        def replace_then_fail(src, dst):
+            # interrupted as the new bundle is about to be renamed in (the old one is aside)
+            if os.fspath(dst) == os.fspath(out) and ".b." in os.path.basename(os.fspath(src)):
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+        monkeypatch.setattr(replace_mod.os, "replace", replace_then_fail)
+        expected = KeyboardInterrupt
+    with pytest.raises(expected):
+        export(tiny, out, overwrite=True, weights={"source": "second"})
+    monkeypatch.undo()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    bundle_mod.load(out).verify_files()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_export_at_other_frames_and_size(tmp_path):
     m = tiny_model()
     man = export(m, tmp_path / "b", frames=8, size=48)

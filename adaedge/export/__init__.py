@@ -29,6 +29,7 @@ from ..progress import Progress
 from .flops import count_flops
 from .graph import value_dtype, value_shape
 from .parts import Parts
+from .replace import old_bundle_files, replace_bundle, terminate_as_interrupt
 
 
 def _prepare_destination(out: Path, overwrite: bool) -> None:
@@ -39,6 +40,7 @@ def _prepare_destination(out: Path, overwrite: bool) -> None:
             if not (out / MANIFEST).is_file():
                 raise ExportError(f"{out} is a non-empty folder that is not a bundle; "
                                   "choose an empty or new folder")
+            old_bundle_files(out)           # refuses a manifest that is not an adaedge bundle's
             if not overwrite:
                 raise ExportError(f"{out} already holds a bundle; pass overwrite=True "
                                   "(--overwrite) to replace it")
@@ -116,15 +118,15 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
                   "std": [float(s) for s in std],
                   "labels": list(labels) if labels is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        manifest = _write(parts, tmp, info, input_spec)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # the old bundle stays whole until the new one is complete; only what it lists is replaced
+    with terminate_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            manifest = _write(parts, tmp, info, input_spec)
+            replace_bundle(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return manifest
 
 

@@ -1,0 +1,146 @@
+"""Putting a freshly written bundle in place without losing anything.
+
+``export --overwrite`` replaces what the old bundle's manifest lists (its manifest, pieces and
+constants) and its engine caches, nothing else: files a user keeps beside a bundle (the
+checkpoint being exported, notes) move into the new bundle. The old bundle stays whole until the
+new one is complete:
+
+1. the new bundle is written into a hidden temporary folder beside the destination;
+2. the user's files move from the old bundle into the new one (each move recorded);
+3. the old bundle is renamed aside, the new one renamed in, the old one deleted.
+
+SIGINT and SIGTERM are held back during steps 2 and 3 (a handful of renames), and a failure
+anywhere undoes the recorded moves and renames, so at every instant the destination holds the
+whole old bundle or the whole new one. SIGTERM during the long step 1 is turned into an
+interruption (:func:`terminate_as_interrupt`), so the temporary folder is removed as for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator, List, Set, Tuple
+
+from ..bundle import MANIFEST
+from ..bundle.manifest import FORMAT
+from ..errors import ExportError
+
+ENGINES = "engines"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received while a bundle was being written (handled as an interruption)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) so that
+    cleanup runs; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM) while writing a bundle")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (then they are delivered)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def old_bundle_files(out: Path) -> Set[str]:
+    """The relative paths an adaedge bundle at ``out`` owns: its manifest, the files it lists
+    and its engine caches. A folder whose manifest is not an adaedge bundle's is refused."""
+    try:
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ExportError(f"{out} holds a {MANIFEST} that is not an adaedge bundle's; nothing "
+                          "was changed: choose an empty or new folder")
+    owned = {MANIFEST, ENGINES}
+    pieces = data.get("pieces")
+    for piece in pieces.values() if isinstance(pieces, dict) else ():
+        if isinstance(piece, dict) and isinstance(piece.get("file"), str):
+            owned.add(os.path.normpath(piece["file"]))
+    constants = data.get("constants")
+    if isinstance(constants, dict) and isinstance(constants.get("file"), str):
+        owned.add(os.path.normpath(constants["file"]))
+    return owned
+
+
+def _user_files(out: Path, owned: Set[str]) -> List[str]:
+    """Relative paths of the files and links in ``out`` (links not followed) the old bundle does
+    not own."""
+    found: List[str] = []
+    for dirpath, dirnames, filenames in os.walk(out, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, out)
+        if rel_dir == ENGINES or rel_dir.startswith(ENGINES + os.sep):
+            dirnames[:] = []
+            continue
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if rel not in owned:
+                found.append(rel)
+    return found
+
+
+def replace_bundle(new: Path, out: Path) -> None:
+    """Put the complete bundle folder ``new`` at ``out`` (see the module docstring)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.replace(new, out)
+        return
+    owned = old_bundle_files(out)
+    moves: List[Tuple[Path, Path]] = []
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    swapped = False
+    with signals_held():
+        try:
+            for rel in _user_files(out, owned):
+                src, dst = out / rel, new / rel
+                if dst.exists() or dst.is_symlink():
+                    continue                     # a stale file of the bundle's own kind
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+                moves.append((src, dst))
+            os.replace(out, aside / "bundle")
+            swapped = True
+            os.replace(new, out)
+        except BaseException:
+            if swapped and not out.exists():
+                os.replace(aside / "bundle", out)
+            for src, dst in reversed(moves):
+                if dst.exists() or dst.is_symlink():
+                    os.replace(dst, src)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+__all__ = ["replace_bundle", "terminate_as_interrupt", "old_bundle_files", "Terminated"]
