@@ -277,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        pace=False if args.no_pace else None, max_frames=args.max_frames,
                        progress=ProgressBar("demo", not (args.quiet or args.json)),
                        log=lambda s: print(s, file=sys.stderr), plot=args.plot,
-                       **backend_options(args))
+                       overwrite=args.overwrite, **backend_options(args))
     if args.json:
         print(json.dumps(summary.to_json()))
     else:
@@ -462,6 +462,9 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                     help="read a file as fast as possible instead of at its frame rate")
     sp.add_argument("--max-frames", type=int, help="stop after N frames")
     sp.add_argument("--plot", help="summary PNG to write (default: beside --output, .png)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --output or --plot (the default adaedge-demo.mp4 "
+                         "and .png are replaced without it; the source never is)")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 

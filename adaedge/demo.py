@@ -682,15 +682,20 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
              output: Union[None, str, Path] = None, frame_step: int = 2, clip_stride: int = 8,
              pace: Optional[bool] = None, max_frames: Optional[int] = None,
              progress: Progress = None, log: Callable[[str], None] = print,
-             plot: Union[None, str, Path] = None, **backend_options: Any) -> Summary:
+             plot: Union[None, str, Path] = None, overwrite: bool = False,
+             **backend_options: Any) -> Summary:
     """Run the demo; returns its summary (see the module docstring). ``plot``: where to write
-    the summary PNG (default: beside the output video, same name, ``.png``; none without one)."""
+    the summary PNG (default: beside the output video, same name, ``.png``; none without one).
+    An existing output video or plot is replaced only with ``overwrite`` (or when it is the
+    default ``adaedge-demo.mp4`` / ``.png`` the demo itself writes); never the source; both are
+    written to a temporary file renamed into place when the run succeeds."""
     require("cv2", "adaedge demo", "demo")
     import cv2
     if frame_step < 1 or clip_stride < 1:
         raise UsageError("frame_step and clip_stride must be at least 1")
     src = default_video() if source is None else source
     cap, description = open_source(src)     # fail on a bad source before any export work
+    writer: Any = None
     try:
         bundle_dir = Path(bundle) if bundle is not None else demo_bundle(
             backend=backend, progress=progress, log=log)
@@ -706,8 +711,14 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             headless = not gui_available()
         if pace is None:
             pace = not is_camera      # a file plays at its own rate; a camera paces itself
-        if headless and output is None:
-            output = "adaedge-demo.mp4"
+        own = headless and output is None     # the demo's own default files may be replaced
+        if own:
+            output = DEFAULT_OUTPUT
+        if plot is None and output is not None:
+            plot = Path(output).with_suffix(".png")
+        for path, flag in ((output, "--output"), (plot, "--plot")):
+            if path is not None:
+                check_destination(Path(path), flag, src, overwrite or own)
         summary = Summary(description)
         if "static" in b.manifest.policies:
             summary.static_gflops = b.manifest.policy_flops("static") / 1e9
@@ -720,7 +731,6 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         fps_src = cap.get(cv2.CAP_PROP_FPS) or 0.0
         fps_src = fps_src if 1.0 <= fps_src <= 240.0 else 25.0
         summary.fps = fps_src
-        writer = None
         buffer: List[np.ndarray] = []
         shown: List[float] = []
         t_begin = time.perf_counter()
@@ -758,7 +768,8 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             if output is not None:
                 if writer is None:
                     h, w = annotated.shape[:2]
-                    writer = cv2.VideoWriter(str(output), cv2.VideoWriter.fourcc(*"mp4v"),
+                    partial = partial_path(Path(output))
+                    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*"mp4v"),
                                              fps_src, (w, h))
                     if not writer.isOpened():
                         raise SourceError(f"cannot write the output video {output}")
@@ -783,15 +794,47 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         summary.output = str(output) if output is not None else None
         if writer is not None:
             writer.release()
-        if plot is None and output is not None:
-            plot = Path(output).with_suffix(".png")
+            writer = None
+            os.replace(partial_path(Path(str(output))), str(output))
         if plot is not None:
-            summary.png = str(summary_png(summary, plot, legend))
+            partial_png = partial_path(Path(plot))
+            try:
+                summary_png(summary, partial_png, legend)
+                os.replace(partial_png, plot)
+            finally:
+                partial_png.unlink(missing_ok=True)
+            summary.png = str(plot)
         if not headless:
             cv2.destroyAllWindows()
         return summary
     finally:
         cap.release()
+        if writer is not None:                 # the run failed: its partial video goes
+            writer.release()
+            partial_path(Path(str(output))).unlink(missing_ok=True)
+
+
+DEFAULT_OUTPUT = "adaedge-demo.mp4"
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written until the run succeeds (same folder and extension, hidden)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def check_destination(path: Path, flag: str, source: Union[str, int, Path], replace: bool) -> None:
+    """Refuse to write over the source, into a missing folder, or over an existing file
+    without ``replace``: each in one line naming the fix."""
+    if isinstance(source, (str, Path)) and Path(source).is_file() and path.exists() and \
+            os.path.samefile(path, source):
+        raise UsageError(f"{flag} {path} is the source video; choose another file")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not replace:
+        raise UsageError(f"{flag} {path} exists; pass --overwrite to replace it, or choose "
+                         "another file")
 
 
 def summary_json(summary: Summary) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -133,6 +134,47 @@ def test_a_missing_file_and_a_missing_camera_say_how_to_choose_a_source(labelled
     with pytest.raises(SourceError, match="cannot|no frames"):
         run_demo(source=junk, bundle=labelled_bundle, headless=True, output=tmp_path / "x.mp4")
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_the_demo_never_writes_over_its_source_or_a_file_it_was_not_told_to_replace(
+        labelled_bundle, tmp_path, capsys):
+    video = tmp_path / "mine.mp4"
+    shutil.copy(default_video(), video)
+    original = video.read_bytes()
+    kept = tmp_path / "kept.mp4"
+    kept.write_bytes(b"a video of mine")
+    args = ["demo", "--source", str(video), "--bundle", str(labelled_bundle), "--headless",
+            "--max-frames", "10", "--no-pace", "-q"]
+    for extra, message in (
+            (["--output", str(video), "--overwrite"], "is the source video"),
+            (["--output", str(kept)], "exists; pass --overwrite"),
+            (["--output", str(tmp_path / "out.mp4"), "--plot", str(video), "--overwrite"],
+             "is the source video"),
+            (["--output", str(tmp_path / "no" / "out.mp4")], "does not exist"),
+            (["--output", str(tmp_path / "o.mp4"), "--plot", str(tmp_path / "no" / "p.png")],
+             "does not exist")):
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, (extra, err)
+    assert video.read_bytes() == original and kept.read_bytes() == b"a video of mine"
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "out.mp4").exists()
+    assert main(args + ["--output", str(kept), "--overwrite"]) == 0
+    assert kept.stat().st_size > 1000 and kept.with_suffix(".png").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_a_failed_run_leaves_no_partial_video(labelled_bundle, tmp_path, monkeypatch):
+    import adaedge.demo as demo_mod
+
+    def broken(*args, **kwargs):
+        raise SourceError("drawing failed")
+    monkeypatch.setattr(demo_mod, "summary_png", broken)
+    out = tmp_path / "o.mp4"
+    with pytest.raises(SourceError, match="drawing failed"):
+        run_demo(source=default_video(), bundle=labelled_bundle, headless=True, output=out,
+                 max_frames=10, pace=False, log=lambda s: None)
+    assert out.is_file()          # the video was complete and is kept; the plot is not there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
 def test_the_demo_command_prints_a_json_summary(labelled_bundle, tmp_path, capsys):
