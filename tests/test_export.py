@@ -217,6 +217,15 @@ def test_an_interrupted_overwrite_leaves_the_old_bundle_whole(tiny, tmp_path, mo
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_non_finite_weights_export_with_a_warning_naming_them(tmp_path):
+    m = tiny_model()
+    with torch.no_grad():
+        m.head.fc.weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 weight tensors hold NaN or infinite values "
+                                            r"\(head.fc.weight\)"):
+        export(m, tmp_path / "b")
+
+
 def test_export_at_other_frames_and_size(tmp_path):
     m = tiny_model()
     man = export(m, tmp_path / "b", frames=8, size=48)

@@ -129,6 +129,34 @@ def test_bad_policies_are_refused_clearly(rt):
         rt.classify(clips(1).numpy(), force={"nope": 0})
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_clips_are_refused_not_labelled_class_0(rt, bad):
+    x = clips(3).numpy()
+    x[1, 0, 2, 5, 5] = bad
+    with pytest.raises(InputError, match="clip 1 holds NaN or infinite values"):
+        rt.classify(x)                                  # piece by piece
+    with pytest.raises(InputError, match="clip 0 holds NaN or infinite values"):
+        rt.classify(x[1:2])                             # one clip: the compiled graph
+    assert np.isfinite(rt.classify(np.delete(x, 1, axis=0)).scores).all()
+
+
+@pytest.mark.parametrize("force,message", [
+    ({"stem_s": 1.9}, "must be an integer index, not 1.9"),
+    ({"stem_s": "1"}, "must be an integer index, not '1'"),
+    ({"stem_s": True}, "must be an integer index, not True")])
+def test_a_forced_branch_must_be_an_integer_index(rt, force, message):
+    with pytest.raises(InputError, match=message):
+        rt.classify(clips(1).numpy(), force=force)
+
+
+def test_exit_at_names_must_be_exits_of_the_bundle(rt):
+    with pytest.raises(InputError, match="exit_at names 'glance', not an exit of this bundle "
+                                         r"\(its exits: none\)"):
+        rt.classify(clips(2).numpy(), exit_at="glance")
+    with pytest.raises(InputError, match="not an exit"):
+        rt.classify(clips(2).numpy(), exit_at=[None, "glance"])
+
+
 def test_unknown_backend_names_the_available_ones(tiny_bundle):
     with pytest.raises(BackendUnavailable,
                        match="unknown backend 'openvino'.*onnxruntime, tensorrt, torch-cpu, "

@@ -32,6 +32,21 @@ from .parts import Parts
 from .replace import old_bundle_files, replace_bundle, terminate_as_interrupt
 
 
+def _warn_non_finite(model: Any) -> None:
+    """NaN or infinite weights export (a bundle can carry them) but every clip would score NaN:
+    say which tensors hold them."""
+    import warnings
+
+    import torch
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}): the bundle will score NaN",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _prepare_destination(out: Path, overwrite: bool) -> None:
     if out.exists():
         if not out.is_dir():
@@ -99,6 +114,7 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
     out = Path(out)
     _prepare_destination(out, overwrite)
+    _warn_non_finite(model)
     try:
         execution = fam.check_execution(execution)
         chosen = fam.check_options(dict(options or {}))

@@ -178,6 +178,9 @@ class Runtime:
             for name, idx in force.items():
                 if name not in switches:
                     raise InputError(f"unknown switch {name!r}")
+                if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
+                    raise InputError(f"the branch forced at switch {name!r} must be an integer "
+                                     f"index, not {idx!r}")
                 if not 0 <= int(idx) < switches[name]:
                     raise InputError(f"branch {idx} does not exist at switch {name!r}")
                 out[name] = int(idx)
@@ -191,7 +194,7 @@ class Runtime:
         arr = np.asarray(clips)
         if arr.dtype == np.float32 and arr.shape[1:] == self._clip_tuple and arr.shape[0] >= 1 \
                 and arr.flags.c_contiguous:
-            return arr                          # the common case, checked in a few comparisons
+            return self._finite(arr)            # the common case, checked in a few comparisons
         expected = self.manifest.clip_shape
         if arr.dtype.kind not in "fiu":
             raise InputError(f"clips must be numeric, got dtype {arr.dtype}")
@@ -203,7 +206,19 @@ class Runtime:
             raise InputError(f"clips of shape {tuple(arr.shape)} do not match the bundle's input "
                              f"(N, {expected[0]}, {frames}, {expected[2]}, {expected[3]}) in "
                              "layout NCTHW, normalised with the manifest's mean and std")
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return self._finite(np.ascontiguousarray(arr, dtype=np.float32))
+
+    @staticmethod
+    def _finite(arr: np.ndarray) -> np.ndarray:
+        """NaN or infinite inputs give NaN scores that arg-max calls class 0: refused."""
+        if not np.isfinite(arr).all():
+            bad = np.unique(np.nonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0])
+            which = (f"clip {bad[0]} holds" if len(bad) == 1 else
+                     f"clips {', '.join(map(str, bad[:5].tolist()))}"
+                     f"{' ...' if len(bad) > 5 else ''} hold")
+            raise InputError(f"{which} NaN or infinite values: check the decoding and "
+                             "normalisation upstream")
+        return arr
 
     def initial_state(self, batch: int) -> Dict[str, Any]:
         state = {}
@@ -265,6 +280,13 @@ class Runtime:
         if graph or self._use_compiled(n, exit_at, keep_values):
             return self._classify_compiled(x, force, budget, exits and not graph, state)
         per_clip_exit: Optional[np.ndarray] = None
+        if exit_at is not None:
+            named = [exit_at] if isinstance(exit_at, str) else list(exit_at)
+            unknown = sorted({str(e) for e in named if e is not None} - set(self._exit_names))
+            if unknown:
+                raise InputError(f"exit_at names {', '.join(map(repr, unknown))}, not an exit of "
+                                 f"this bundle (its exits: "
+                                 f"{', '.join(self._exit_names) or 'none'})")
         if exit_at is not None and not isinstance(exit_at, str):
             per_clip_exit = np.asarray(list(exit_at), dtype=object)
             if per_clip_exit.shape != (n,):
