@@ -84,6 +84,44 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "{b}", "--threads", "100000"], "--threads: must be an integer from 1 to 1024"),
+    (["bench", "{b}", "--threads", "two"], "--threads: must be an integer from 1 to 1024"),
+    (["bench", "{b}", "--threads", "0"], "--threads: must be an integer from 1 to 1024"),
+    (["bench", "{b}", "--reps", "0"], "--reps must be at least 1"),
+    (["bench", "{b}", "--batch", "0"], "--batch must be at least 1"),
+    (["demo", "--bundle", "{b}", "--max-frames", "-5"], "--max-frames must be at least 1"),
+    (["demo", "--bundle", "{b}", "--frame-step", "0"], "--frame-step must be at least 1"),
+    (["demo", "--bundle", "{b}", "--clip-stride", "0"], "--clip-stride must be at least 1"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--frames", "0", "--out", "{t}/x"],
+     "frames must be an integer from 1 to 4096, not 0"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--size", "-3", "--out", "{t}/x"],
+     "size must be an integer from 1 to 4096, not -3"),
+])
+def test_bad_options_are_one_line_and_exit_2(tiny_bundle, tmp_path, capsys, argv, message):
+    argv = [a.format(b=tiny_bundle, t=tmp_path) for a in argv]
+    with _exit_code() as code:
+        code.value = main(argv)
+    assert code.value == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+class _exit_code:
+    """main() returns 2 for adaedge's errors; argparse's own refusals exit 2 (SystemExit)."""
+    value: object = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is SystemExit:
+            self.value = exc.code
+            return True
+        return False
+
+
 def test_verify_names_the_piece_that_differs_and_exits_nonzero(tmp_path, tiny_bundle,
                                                                tiny_checkpoint, capsys):
     out = tmp_path / "tampered"

@@ -105,6 +105,11 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     """
     name = model_name(model)
     fam = family_of(name)
+    for what, value in (("frames", frames), ("size", size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= 4096):
+            raise ExportError(f"{what} must be an integer from 1 to 4096, not {value!r} "
+                              "(leave it out for the model's own)")
     frames = int(frames or getattr(model, "frames"))
     size = int(size or getattr(model, "size"))
     if frames < 1 or size < 8:

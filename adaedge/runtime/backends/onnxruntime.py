@@ -68,10 +68,18 @@ def _shared_pool(ort: Any, threads: int) -> bool:
     return True
 
 
+MAX_THREADS = 1024     # far above any CPU here; a huge count made ONNX Runtime crash
+
+
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_THREADS}, not "
+                                         f"{text!r}")
     return value
 
 
@@ -115,6 +123,10 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" \
             else ["CPUExecutionProvider"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, not "
+                             f"{threads!r}")
         self.threads = threads if threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
             raise UsageError("threads must be at least 1")
