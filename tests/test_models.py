@@ -99,8 +99,9 @@ def test_checkpoints_are_loaded_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="a safe load refuses") as info:
         models.read_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)     # torch's unsafe advice never shown
 
 
 def test_missing_and_garbage_checkpoints(tmp_path):
@@ -108,5 +109,19 @@ def test_missing_and_garbage_checkpoints(tmp_path):
         models.read_checkpoint(tmp_path / "nope.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
         models.read_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="is a folder; give the checkpoint file"):
+        models.read_checkpoint(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        models.read_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07adaedge")
+    with pytest.raises(CheckpointError, match="is an ONNX graph, not a PyTorch checkpoint"):
+        models.read_checkpoint(tmp_path / "m.onnx")
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.zeros(1000)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="is it a complete file torch.save wrote"):
+        models.read_checkpoint(cut)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -122,12 +123,20 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     ``module.`` prefix.
     """
     p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise CheckpointError(f"checkpoint {p} does not exist")
+    _check_checkpoint_file(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, foreign formats
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+    except pickle.UnpicklingError:
+        # torch's own text advises weights_only=False, which would run the file's code: never
+        raise CheckpointError(
+            f"checkpoint {p} holds Python objects beyond tensors and plain containers, which a "
+            "safe load refuses (adaedge never unpickles code); save the state dict alone: "
+            "torch.save(model.state_dict(), path)") from None
+    except Exception as e:  # truncated files, foreign formats
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {p} ({type(e).__name__}"
+                              f"{': ' + first if first else ''}): is it a complete file "
+                              "torch.save wrote?") from None
     meta: Dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("adaedge"), dict):
         meta = dict(obj["adaedge"])
@@ -144,6 +153,24 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, meta
+
+
+def _check_checkpoint_file(p: str) -> None:
+    """Refuse what is plainly not a checkpoint before torch reads it, in words a user acts on."""
+    if os.path.isdir(p):
+        raise CheckpointError(f"checkpoint {p} is a folder; give the checkpoint file (.pt, .pth)")
+    if not os.path.isfile(p):
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {p} is empty")
+    if p.lower().endswith(".onnx"):
+        raise CheckpointError(f"{p} is an ONNX graph, not a PyTorch checkpoint; give the .pt or "
+                              ".pth file the training wrote")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":   # torch's zip archive, or a pickle
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint (neither torch.save's archive "
+                              "nor a pickle)")
 
 
 def _listing(keys: Iterable[str], limit: int = 8) -> str:
