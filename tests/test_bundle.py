@@ -264,3 +264,33 @@ def test_build_writes_nothing_through_links_the_bundle_ships(copy, tmp_path):
     with pytest.raises(BundleError, match="outside the bundle"):
         build(other, "onnxruntime")
     assert not (tmp_path / key).exists()
+
+
+def test_a_key_twice_in_one_object_is_refused(copy):
+    text = (copy / "manifest.json").read_text()
+    data = json.loads(text)
+    head = json.dumps(data["pieces"]["head"])
+    (copy / "manifest.json").write_text(text.replace('"pieces": {', '"pieces": {"head": ' + head
+                                                     + ", ", 1))
+    with pytest.raises(BundleError, match="the key 'head' appears twice"):
+        runtime.load(copy)
+
+
+def test_two_steps_of_one_name_are_refused(copy):
+    _edit(copy, lambda d: d["program"][1].update(name=d["program"][0]["name"]))
+    with pytest.raises(BundleError, match=r"program\[1\] and program\[0\] are both named"):
+        runtime.load(copy)
+
+
+def test_a_manifest_linked_from_outside_is_refused(copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(copy / "manifest.json", outside)
+    os.symlink(outside, copy / "manifest.json")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        runtime.load(copy)
+
+
+def test_a_deeply_nested_or_huge_manifest_is_refused(copy):
+    (copy / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(BundleError, match="nested too deeply|not valid JSON"):
+        runtime.load(copy)

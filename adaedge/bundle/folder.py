@@ -155,12 +155,33 @@ def load(root: Union[str, Path]) -> Bundle:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{root} is not an adaedge bundle: it has no {MANIFEST}")
+    if mpath.is_symlink():
+        safe_join(root, MANIFEST)        # a manifest linked from outside the bundle is refused
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is {mpath.stat().st_size} bytes, more than a manifest's "
+                          f"{MAX_MANIFEST_BYTES}")
     try:
         with open(mpath, "r", encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{mpath} is nested too deeply to be a manifest") from None
     return Bundle(root, parse_manifest(data))
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _no_duplicate_keys(pairs: "list[tuple[str, Any]]") -> Dict[str, Any]:
+    """JSON objects with a key twice (two pieces or switches of one name) are refused: the last
+    would silently win."""
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BundleError(f"manifest: the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 def write_manifest(root: Union[str, Path], manifest: Manifest) -> Path:

@@ -258,7 +258,14 @@ def parse_program(raw: Any, pieces: Mapping[str, Piece]) -> List[Step]:
         raise BundleError(f"manifest: program must be list, got {type(raw).__name__}")
     if not raw:
         raise BundleError("manifest: program is empty")
-    return [parse_step(step, i, pieces) for i, step in enumerate(raw)]
+    steps = [parse_step(step, i, pieces) for i, step in enumerate(raw)]
+    seen: Dict[str, int] = {}
+    for i, step in enumerate(steps):
+        if step.name in seen:       # traces, policies and exit_at name steps: one name, one step
+            raise BundleError(f"manifest: program[{i}] and program[{seen[step.name]}] are both "
+                              f"named {step.name!r}")
+        seen[step.name] = i
+    return steps
 
 
 class ProgramBuilder:
