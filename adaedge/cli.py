@@ -282,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json()))
     else:
         print(summary.text())
-    return 0
+    return 1 if summary.stopped_early else 0      # a damaged file: what it gave is written
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -264,6 +264,7 @@ class Summary:
     static_ms: Optional[float] = None                           # the static network's, measured
     png: Optional[str] = None
     titles: Dict[str, str] = field(default_factory=dict)        # branch name -> words
+    stopped_early: Optional[str] = None     # why a file ended before its last frame
 
     def to_json(self) -> Dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -283,7 +284,7 @@ class Summary:
                                if self.static_ms and self.latencies_ms else None),
                 "exits": dict(self.exit_counts) or None,
                 "display_fps": round(self.display_fps, 2), "output": self.output,
-                "summary_png": self.png}
+                "summary_png": self.png, "stopped_early": self.stopped_early}
 
     def text(self) -> str:
         d = self.to_json()
@@ -308,6 +309,8 @@ class Summary:
             lines.append(f"output video     {d['output']}")
         if d["summary_png"]:
             lines.append(f"summary plot     {d['summary_png']}")
+        if d["stopped_early"]:
+            lines.append(f"WARNING          {d['stopped_early']}")
         return "\n".join(lines)
 
 
@@ -743,6 +746,11 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             if not ok or frame is None:
                 if index == 0:
                     raise SourceError(f"{description} gave no frames: it cannot be decoded")
+                if not is_camera and total > index + 2:     # containers miscount by a frame
+                    summary.stopped_early = (f"the video stopped decoding after frame {index} "
+                                             f"of the {total} it announces: is it damaged or "
+                                             "incomplete?")
+                    log(f"warning: {summary.stopped_early}")
                 break
             summary.frames_read += 1
             if index % frame_step == 0:

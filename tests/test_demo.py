@@ -177,6 +177,24 @@ def test_a_failed_run_leaves_no_partial_video(labelled_bundle, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
+def test_a_video_that_stops_decoding_half_way_is_reported(labelled_bundle, tmp_path, capsys):
+    full = tmp_path / "full.avi"
+    writer = cv2.VideoWriter(str(full), cv2.VideoWriter.fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(60):
+        writer.write(np.full((48, 64, 3), i * 4, np.uint8))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+    code = main(["demo", "--source", str(cut), "--bundle", str(labelled_bundle), "--headless",
+                 "--output", str(tmp_path / "o.mp4"), "--no-pace", "--json", "-q"])
+    out, err = capsys.readouterr()
+    d = json.loads(out)
+    assert code == 1 and 0 < d["frames_read"] < 60 and d["frames_written"] == d["frames_read"]
+    assert "stopped decoding after frame" in d["stopped_early"] and "of the 60" in err
+    assert main(["demo", "--source", str(full), "--bundle", str(labelled_bundle), "--headless",
+                 "--output", str(tmp_path / "o.mp4"), "--overwrite", "--no-pace", "-q"]) == 0
+
+
 def test_the_demo_command_prints_a_json_summary(labelled_bundle, tmp_path, capsys):
     assert main(["demo", "--bundle", str(labelled_bundle), "--headless", "--output",
                  str(tmp_path / "d.mp4"), "--max-frames", "20", "--no-pace", "--json"]) == 0
