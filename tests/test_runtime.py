@@ -157,6 +157,27 @@ def test_exit_at_names_must_be_exits_of_the_bundle(rt):
         rt.classify(clips(2).numpy(), exit_at=[None, "glance"])
 
 
+def test_a_huge_call_runs_in_bounded_calls_with_the_same_results(rt, monkeypatch):
+    from adaedge.runtime import interpreter
+    x = np.concatenate([varied_clips(12).numpy()] * 6)            # 72 clips
+    want = np.concatenate([rt.classify(x[i:i + 12]).scores for i in range(0, 72, 12)])
+    monkeypatch.setattr(interpreter, "MAX_CALL_CLIPS", 16)
+    sizes = []
+    real = interpreter.Runtime.classify_batches
+
+    def spy(self, clips, batch, **kw):
+        sizes.append(batch)
+        return real(self, clips, batch, **kw)
+    monkeypatch.setattr(interpreter.Runtime, "classify_batches", spy)
+    got = rt.classify(x)
+    assert sizes == [16] and len(got.traces) == 72
+    np.testing.assert_allclose(got.scores, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="give at most 16 clips a call"):
+        rt.classify(x, keep_values=True)
+    with pytest.raises(InputError, match="exit_at holds 3 names for 72 clips"):
+        rt.classify(x, exit_at=[None] * 3)
+
+
 def test_unknown_backend_names_the_available_ones(tiny_bundle):
     with pytest.raises(BackendUnavailable,
                        match="unknown backend 'openvino'.*onnxruntime, tensorrt, torch-cpu, "

@@ -272,11 +272,20 @@ class Runtime:
         A stream bundle (``manifest.window``) takes the T frames of ``clips`` one call each, in
         order, carrying the state from frame to frame; the scores are those after the last frame,
         and each trace adds up all frames (its branches are keyed ``"<switch>@<frame>"``).
+
+        More than ``MAX_CALL_CLIPS`` (64) clips run as calls of 64, with the same results, so
+        that memory stays bounded however many clips one call is given.
         """
         x = self.check_clips(clips)
+        n = x.shape[0]
+        if n > MAX_CALL_CLIPS:           # bounded memory: a huge batch runs as calls of 64 clips
+            if keep_values or state is not None:
+                raise InputError(f"{n} clips in one call with keep_values or state: give at most "
+                                 f"{MAX_CALL_CLIPS} clips a call")
+            return self.classify_batches(x, MAX_CALL_CLIPS, force=force, budget=budget,
+                                         exit_at=exit_at, exits=exits, graph=graph)
         if self.manifest.window is not None and x.shape[2] > 1:
             return self._classify_frames(x, force, budget, exit_at, keep_values, state, exits)
-        n = x.shape[0]
         if graph or self._use_compiled(n, exit_at, keep_values):
             return self._classify_compiled(x, force, budget, exits and not graph, state)
         per_clip_exit: Optional[np.ndarray] = None
@@ -438,6 +447,8 @@ class Runtime:
             raise InputError(f"batch must be at least 1, got {batch}")
         x = self.check_clips(clips)
         stops = None if exit_at is None or isinstance(exit_at, str) else list(exit_at)
+        if stops is not None and len(stops) != len(x):
+            raise InputError(f"exit_at holds {len(stops)} names for {len(x)} clips")
         scores, traces = [], []
         for start in range(0, len(x), batch):
             part = exit_at if stops is None else stops[start:start + batch]
@@ -445,6 +456,9 @@ class Runtime:
             scores.append(r.scores)
             traces += r.traces
         return Result(scores=np.concatenate(scores), traces=traces)
+
+
+MAX_CALL_CLIPS = 64     # more clips in one classify call run as calls of this many
 
 
 class _Call:
