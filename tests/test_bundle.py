@@ -294,3 +294,13 @@ def test_a_deeply_nested_or_huge_manifest_is_refused(copy):
     (copy / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(BundleError, match="nested too deeply|not valid JSON"):
         runtime.load(copy)
+
+
+@pytest.mark.parametrize("shape,message", [
+    (["N", 1 << 20, 1 << 20], "more than 268435456"),
+    (["N"] + [1] * 9, "10 dimensions"),
+    (["N", -1], "bad dimension")])
+def test_shapes_are_bounded_before_anything_is_allocated(copy, shape, message):
+    _edit(copy, lambda d: d["pieces"]["head"]["outputs"][0].update(shape=shape))
+    with pytest.raises(BundleError, match=message):
+        runtime.load(copy)

@@ -125,3 +125,20 @@ def test_missing_and_garbage_checkpoints(tmp_path):
     cut.write_bytes(whole.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="is it a complete file torch.save wrote"):
         models.read_checkpoint(cut)
+
+
+def test_a_small_file_cannot_demand_a_huge_model(tmp_path):
+    """A config edited to ask for a model thousands of times the file's size is refused before
+    anything that size is allocated (the model is sized on PyTorch's meta device)."""
+    import resource
+    from .conftest import tiny_model
+    path = tmp_path / "t.pt"
+    models.save_checkpoint(tiny_model(), path)
+    obj = torch.load(path, weights_only=True)
+    obj["adaedge"]["config"]["width_mult"] = 64.0           # 143,577M values
+    torch.save(obj, path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="asks for a model of 143576.9M values but the "
+                                              "file holds 0.6M"):
+        models.load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024   # KiB

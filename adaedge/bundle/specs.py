@@ -71,6 +71,10 @@ def io_map(obj: Any, where: str, known: Sequence[str]) -> Dict[str, str]:
     return dict(obj)
 
 
+MAX_RANK = 8
+MAX_ELEMENTS = 1 << 28    # per clip: 1 GiB of float32; a video network's inputs and state are far less
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -84,9 +88,19 @@ class TensorSpec:
     def from_json(cls, obj: Any, where: str) -> "TensorSpec":
         n = name(need(obj, "name", str, where), f"{where}.name")
         shape = need(obj, "shape", list, where)
+        if len(shape) > MAX_RANK:
+            raise BundleError(f"manifest: {where}.shape has {len(shape)} dimensions (at most "
+                              f"{MAX_RANK})")
+        elements = 1
         for d in shape:
             if isinstance(d, bool) or not (isinstance(d, str) or (isinstance(d, int) and d >= 0)):
                 raise BundleError(f"manifest: {where}.shape has a bad dimension {d!r}")
+            if isinstance(d, str) and not 0 < len(d) <= 64:
+                raise BundleError(f"manifest: {where}.shape has a bad symbolic dimension")
+            elements *= d if isinstance(d, int) else 1
+        if elements > MAX_ELEMENTS:       # sized before anything is allocated from it
+            raise BundleError(f"manifest: {where}.shape {shape} holds {elements} values per "
+                              f"clip, more than {MAX_ELEMENTS}")
         dtype = need(obj, "dtype", str, where)
         if dtype not in DTYPES:
             raise BundleError(f"manifest: {where}.dtype {dtype!r} is not one of {', '.join(DTYPES)}")

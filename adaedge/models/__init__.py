@@ -272,6 +272,27 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
                 "values the model was trained with)")
     merged = dict(meta.get("config") or official)
     merged.update(config)
+    if meta.get("config"):                 # a config the file states: sized before it is built
+        _check_size(name, merged, state, source)
     model = create(name, **merged)
     load_state(model, state, source)
     return model
+
+
+def _check_size(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                source: str) -> None:
+    """A small file must not make us allocate a huge model: build the configured model on
+    PyTorch's meta device (no memory) and refuse it when it holds far more values than the
+    file does (the strict load would refuse it anyway, after the allocation)."""
+    held = sum(int(v.numel()) for v in state.values())
+    try:
+        with torch.device("meta"):
+            probe = create(name, **config)
+    except Exception:
+        return                              # the real build names what is wrong
+    wanted = sum(int(t.numel()) for t in list(probe.parameters()) + list(probe.buffers()))
+    if wanted > 2 * held + 1_000_000:
+        raise CheckpointError(f"checkpoint {source}: its config asks for a model of "
+                              f"{wanted / 1e6:.1f}M values but the file holds "
+                              f"{held / 1e6:.1f}M; refused before allocating it (a damaged or "
+                              "edited config)")
