@@ -304,3 +304,25 @@ def test_shapes_are_bounded_before_anything_is_allocated(copy, shape, message):
     _edit(copy, lambda d: d["pieces"]["head"]["outputs"][0].update(shape=shape))
     with pytest.raises(BundleError, match=message):
         runtime.load(copy)
+
+
+def test_a_piece_replaced_by_a_graph_of_other_shapes_is_named(copy):
+    import hashlib
+
+    import onnx
+    path = copy / "graphs" / "head.onnx"
+    model = onnx.load(str(path))
+    dim = model.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.dim_value = dim.dim_value + 1                        # one more class than the manifest's
+    onnx.save(model, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    _edit(copy, lambda d: d["pieces"]["head"].update(sha256=digest))   # the hash made to fit
+    with pytest.raises(BundleError, match=r"piece 'head': output .* in its graph but .* in the "
+                                          "manifest"):
+        runtime.load(copy).classify(np.zeros((1, 3, 5, 32, 32), np.float32), force="static")
+    gate = copy / "graphs" / "stem_s.gate.onnx"
+    shutil.copy(gate, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    _edit(copy, lambda d: d["pieces"]["head"].update(sha256=digest))
+    with pytest.raises(BundleError, match=r"piece 'head': (input 'x' is float32|its graph's)"):
+        runtime.load(copy).classify(np.zeros((1, 3, 5, 32, 32), np.float32), force="static")

@@ -45,8 +45,11 @@ class Bundle:
         return data
 
     def piece_model(self, name: str) -> Any:
-        """The piece as a checked, self-contained ``onnx.ModelProto`` (external data refused)."""
-        return parse_onnx(self.piece_bytes(name), f"bundle {self.root}: piece {name!r}")
+        """The piece as a checked, self-contained ``onnx.ModelProto`` (external data refused),
+        whose inputs and outputs are the ones the manifest states."""
+        model = parse_onnx(self.piece_bytes(name), f"bundle {self.root}: piece {name!r}")
+        check_io(model, self.manifest.pieces[name], f"piece {name!r}")
+        return model
 
     def _file(self, relative: str, sha256: Optional[str], what: str) -> Path:
         """A file of the bundle, inside it, present and (given ``sha256``) matching its hash."""
@@ -147,6 +150,33 @@ def parse_onnx(data: bytes, what: str) -> Any:
     return model
 
 
+def check_io(model: Any, piece: Any, what: str) -> None:
+    """The graph's inputs and outputs (names, dtypes, static dimensions) must be the manifest's:
+    a piece replaced by a graph of other shapes is named here, not deep inside a backend."""
+    import onnx
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    for side, values, specs in (("inputs", [v for v in graph.input if v.name not in inits],
+                                 piece.inputs), ("outputs", list(graph.output), piece.outputs)):
+        have = {v.name: v for v in values}
+        if set(have) != {t.name for t in specs}:
+            raise BundleError(f"{what}: its graph's {side} {sorted(have)} are not the manifest's "
+                              f"{sorted(t.name for t in specs)}")
+        for spec in specs:
+            tt = have[spec.name].type.tensor_type
+            try:
+                dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            except Exception:
+                dtype = f"ONNX type {tt.elem_type}"
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if dtype != spec.dtype or len(dims) != len(spec.shape) or any(
+                    isinstance(m, int) and g is not None and g != m
+                    for g, m in zip(dims, spec.shape)):
+                raise BundleError(f"{what}: {side[:-1]} {spec.name!r} is {dtype} "
+                                  f"{['?' if g is None else g for g in dims]} in its graph but "
+                                  f"{spec.dtype} {spec.shape} in the manifest")
+
+
 def load(root: Union[str, Path]) -> Bundle:
     """Open and validate a bundle folder (files are hash-checked when first used)."""
     root = Path(root)
@@ -191,4 +221,4 @@ def write_manifest(root: Union[str, Path], manifest: Manifest) -> Path:
     return write_atomic(Path(root) / MANIFEST, json.dumps(data, indent=1) + "\n")
 
 
-__all__ = ["Bundle", "load", "write_manifest", "parse_onnx"]
+__all__ = ["Bundle", "check_io", "load", "write_manifest", "parse_onnx"]

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
+from ...bundle.folder import check_io
 from ...bundle.paths import child
 from ...errors import BackendUnavailable, BundleError, UsageError
 from ...progress import Progress
@@ -243,7 +244,8 @@ class OnnxRuntimeBackend(Backend):
         """The piece's hash-checked bytes, refused unless self-contained (ONNX Runtime is handed
         these bytes, never a path it could resolve external data against)."""
         data = bundle.piece_bytes(piece)
-        parse_onnx(data, f"piece {piece!r} cannot be loaded by onnxruntime: its file")
+        model = parse_onnx(data, f"piece {piece!r} cannot be loaded by onnxruntime: its file")
+        check_io(model, bundle.manifest.pieces[piece], f"piece {piece!r}")
         return data
 
     def _session(self, data: bytes, piece: str, optimize: bool,
