@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
@@ -245,6 +246,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.exits import calibrate_exits, load_data
     from .runtime import load
+    if args.plot:                # a plot that cannot be written fails before thresholds are
+        plot = Path(args.plot)   # stored, not after
+        if not plot.parent.is_dir():
+            raise UsageError(f"--plot {plot}: the folder {plot.parent} does not exist")
+        if plot.is_dir():
+            raise UsageError(f"--plot {plot} is a folder; give a file name")
     runtime = load(args.bundle)
     clips, labels = load_data(args.data, runtime)
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
@@ -398,7 +405,7 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
              "FLOP saving that became time")
     sp.add_argument("bundle")
     sp.add_argument("--batch", type=int, default=1, help="clips per call (default 1)")
-    sp.add_argument("--data", help="clips to time: motion[:split[:count]] or an .npz with "
+    sp.add_argument("--data", help="clips to time: camera|motion[:split[:count]] or an .npz with "
                                    "'clips' (default: --batch random clips). Bundles with exits "
                                    "need real clips: which clips leave early depends on them")
     sp.add_argument("--budget", action="append", default=[],
@@ -428,7 +435,8 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("what", choices=["exits"])
     sp.add_argument("bundle")
     sp.add_argument("--data", required=True,
-                    help="held-out clips: motion[:split[:count]] (the procedural set; default "
+                    help="held-out clips: camera[:split[:count]] (the camera data set) or "
+                         "motion[:split[:count]] (the procedural set; default "
                          "split val) or an .npz with normalised 'clips' and integer 'labels'")
     sp.add_argument("--budget", type=float, action="append", required=True,
                     help="mean GFLOPs per clip to meet (repeatable: one threshold set each)")
