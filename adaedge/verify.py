@@ -46,6 +46,8 @@ def relative_error(a: Any, b: Any) -> float:
     b = np.asarray(b, dtype=np.float64)
     if b.size == 0:
         return 0.0
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")       # NaN would compare as no error (max(0, nan) is 0): never pass
     return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-12)
 
 

@@ -238,3 +238,10 @@ def test_policy_flops_from_the_manifest_equal_what_a_forced_run_spends(rt):
     x = clips(2).numpy()
     for policy in rt.policies:
         assert rt.manifest.policy_flops(policy) == rt.classify(x, force=policy).traces[0].flops
+
+
+def test_a_non_finite_value_is_an_infinite_error_never_none():
+    assert _rel(np.array([np.nan, 1.0]), np.array([1.0, 1.0])) == np.inf
+    assert _rel(np.array([1.0]), np.array([np.inf])) == np.inf
+    assert max(0.0, _rel(np.array([np.nan]), np.array([1.0]))) == np.inf
+    assert _rel(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
