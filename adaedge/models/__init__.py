@@ -272,8 +272,9 @@ def load_model(path: "str | os.PathLike[str]", name: Optional[str] = None,
                 "values the model was trained with)")
     merged = dict(meta.get("config") or official)
     merged.update(config)
-    if meta.get("config"):                 # a config the file states: sized before it is built
-        _check_size(name, merged, state, source)
+    if meta.get("config") and not config:  # the file's own config: sized before it is built
+        _check_size(name, merged, state, source)   # (a user's override gets the key-by-key
+                                                   # mismatch report of the strict load)
     model = create(name, **merged)
     load_state(model, state, source)
     return model
