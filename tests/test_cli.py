@@ -97,6 +97,12 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
      "frames must be an integer from 1 to 4096, not 0"),
     (["export", "vared_r2plus1d_18", "--random-weights", "--size", "-3", "--out", "{t}/x"],
      "size must be an integer from 1 to 4096, not -3"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--config", "num_classes=-5", "--out",
+      "{t}/x"], "num_classes must be an integer from 1 to 1000000, not -5"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--config", "width_mult=0", "--out",
+      "{t}/x"], "width_mult must be a number above 0 and at most 16, not 0"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--config", "width_mult=abc", "--out",
+      "{t}/x"], "width_mult must be a number above 0"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tiny_bundle, tmp_path, capsys, argv, message):
     argv = [a.format(b=tiny_bundle, t=tmp_path) for a in argv]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adaedge import models
+from adaedge.errors import AdaedgeError
 from adaedge.models import CheckpointError
 
 from .conftest import TINY, tiny_model
@@ -135,10 +136,27 @@ def test_a_small_file_cannot_demand_a_huge_model(tmp_path):
     path = tmp_path / "t.pt"
     models.save_checkpoint(tiny_model(), path)
     obj = torch.load(path, weights_only=True)
-    obj["adaedge"]["config"]["width_mult"] = 64.0           # 143,577M values
+    obj["adaedge"]["config"]["width_mult"] = 16.0           # thousands of times the file
+    obj["adaedge"]["config"]["num_classes"] = 1_000_000
     torch.save(obj, path)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(CheckpointError, match="asks for a model of 143576.9M values but the "
+    with pytest.raises(CheckpointError, match=r"asks for a model of [0-9.]+M values but the "
                                               "file holds 0.6M"):
         models.load_model(path)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024   # KiB
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"model": 5}, "'model' must be a model name, not int"),
+    ({"config": "x"}, "'config' must be an object of settings"),
+    ({"labels": 3}, "'labels' must be a list of class names"),
+    ({"labels": [1, 2]}, "labels must be strings")])
+def test_checkpoint_metadata_of_the_wrong_type_is_one_clear_error(tmp_path, bad, message):
+    from .conftest import tiny_model
+    path = tmp_path / "t.pt"
+    models.save_checkpoint(tiny_model(), path)
+    obj = torch.load(path, weights_only=True)
+    obj["adaedge"].update(bad)
+    torch.save(obj, path)
+    with pytest.raises(AdaedgeError, match=message):
+        models.load_model(path)

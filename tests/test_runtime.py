@@ -118,6 +118,8 @@ def test_clips_of_the_wrong_shape_are_refused_clearly(rt):
         rt.classify(np.zeros((3, 5, 32, 32), np.float32))
     with pytest.raises(InputError, match="numeric"):
         rt.classify(np.array([["a"]]))
+    with pytest.raises(InputError, match="nested lists of unequal lengths"):
+        rt.classify([[1.0, 2.0], [3.0]])
 
 
 def test_bad_policies_are_refused_clearly(rt):

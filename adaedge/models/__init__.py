@@ -66,12 +66,32 @@ def family(name: str) -> str:
     return family_of(name).name
 
 
+# Config values every family reads the same way, checked before a model is built (a negative
+# class count reached PyTorch as a raw RuntimeError; a width of 0 exported an empty network).
+COUNTS = {"num_classes": 1_000_000, "frames": 4096, "size": 8192, "input_frames": 4096,
+          "patch": 8192, "patch_size": 8192, "search_space": 8}
+SCALES = {"width_mult": 16.0}
+
+
+def _check_config(name: str, config: Mapping[str, Any]) -> None:
+    for key, value in config.items():
+        if key in COUNTS and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= COUNTS[key]):
+            raise ConfigError(f"bad config for {name!r}: {key} must be an integer from 1 to "
+                              f"{COUNTS[key]}, not {value!r}")
+        if key in SCALES and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < float(value) <= SCALES[key]):
+            raise ConfigError(f"bad config for {name!r}: {key} must be a number above 0 and at "
+                              f"most {SCALES[key]:g}, not {value!r}")
+
+
 def create(name: str, **config: Any) -> nn.Module:
     """Build a registered model with keyword config; the name and config are kept on the model."""
     builder = family_of(name).builders[name]
+    _check_config(name, config)
     try:
         model = builder(**config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"bad config for {name!r}: {e}") from None
     model.adaedge_name = name  # type: ignore[assignment]
     model.adaedge_config = _jsonable(dict(config))  # type: ignore[assignment]
@@ -140,6 +160,15 @@ def read_checkpoint(path: "str | os.PathLike[str]") -> Tuple[Dict[str, torch.Ten
     meta: Dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("adaedge"), dict):
         meta = dict(obj["adaedge"])
+        for key, kinds, what in (("model", (str,), "a model name"),
+                                 ("config", (dict,), "an object of settings"),
+                                 ("labels", (list, type(None)), "a list of class names")):
+            if key in meta and not isinstance(meta[key], kinds):
+                raise CheckpointError(f"checkpoint {p}: its metadata's {key!r} must be {what}, "
+                                      f"not {type(meta[key]).__name__}")
+        if isinstance(meta.get("labels"), list) and \
+                not all(isinstance(v, str) for v in meta["labels"]):
+            raise CheckpointError(f"checkpoint {p}: its metadata's labels must be strings")
     elif isinstance(obj, dict) and isinstance(obj.get("cfg"), str):
         meta = {"official_cfg": obj["cfg"]}
     state = obj

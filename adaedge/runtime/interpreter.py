@@ -191,7 +191,11 @@ class Runtime:
     # -- input ------------------------------------------------------------------------------
     def check_clips(self, clips: Any) -> np.ndarray:
         """Clips as contiguous float32 (N, C, T, H, W); a stream bundle takes any T >= 1."""
-        arr = np.asarray(clips)
+        try:
+            arr = np.asarray(clips)
+        except ValueError:        # ragged nested lists
+            raise InputError("clips must be an array (N, C, T, H, W); got nested lists of "
+                             "unequal lengths") from None
         if arr.dtype == np.float32 and arr.shape[1:] == self._clip_tuple and arr.shape[0] >= 1 \
                 and arr.flags.c_contiguous:
             return self._finite(arr)            # the common case, checked in a few comparisons
