@@ -45,11 +45,12 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import MissingExtra, SourceError
+from .split import SplitDataset
 
 CLASSES = ("still", "pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zoom_out",
            "shake", "object_moves")
@@ -262,29 +263,18 @@ def render(label: str, rng: np.random.Generator, split: str, frames: int = 8,
 
 
 @dataclass(frozen=True)
-class CameraDataset:
+class CameraDataset(SplitDataset):
     """Clips of one split, rendered on demand: ``ds[i] -> (clip, label index)``, the clip float32
     (3, T, S, S) in [0, 1]; :meth:`uint8` gives the rendered frames (T, S, S, 3)."""
 
-    split: str = "train"
-    frames: int = 8
     size: int = 40
-    length: int = 0   # 0: the split's standard size
 
-    def __post_init__(self) -> None:
-        if self.split not in SPLIT_SEEDS:
-            raise ValueError(f"unknown split {self.split!r}; splits: {', '.join(SPLIT_SEEDS)}")
-        if self.length == 0:
-            object.__setattr__(self, "length", SPLIT_SIZES[self.split])
-
-    def __len__(self) -> int:
-        return self.length
+    seeds: ClassVar[Mapping[str, int]] = SPLIT_SEEDS
+    sizes: ClassVar[Mapping[str, int]] = SPLIT_SIZES
+    classes: ClassVar[Sequence[str]] = CLASSES
 
     def uint8(self, i: int) -> Tuple[np.ndarray, int]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        label = i % len(CLASSES)
-        rng = np.random.default_rng((SPLIT_SEEDS[self.split], i))
+        label, rng = self.draw(i)
         return render(CLASSES[label], rng, self.split, self.frames, self.size), label
 
     def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
@@ -303,7 +293,3 @@ class CameraDataset:
         """Clips [start, stop) stacked: float32 (n, 3, T, S, S) in [0, 1] and int64 labels."""
         x, y = self.arrays_uint8(start, stop)
         return x.astype(np.float32) / 255.0, y
-
-    def __iter__(self) -> Iterator[Tuple[np.ndarray, int]]:
-        for i in range(self.length):
-            yield self[i]

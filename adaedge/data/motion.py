@@ -16,9 +16,11 @@ them with the bundle's mean and std before the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Tuple
+from typing import ClassVar, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from .split import SplitDataset
 
 CLASSES = ("still", "slide_left", "slide_right", "slide_up", "slide_down", "rotate_cw",
            "rotate_ccw", "zoom_in", "zoom_out", "shake")
@@ -111,28 +113,17 @@ def render_clip(label: str, rng: np.random.Generator, frames: int = 8,
 
 
 @dataclass(frozen=True)
-class MotionDataset:
+class MotionDataset(SplitDataset):
     """Clips of one split, drawn on demand: ``ds[i] -> (clip, label index)``."""
 
-    split: str = "train"
-    frames: int = 8
     size: int = 32
-    length: int = 0   # 0: the split's standard size
 
-    def __post_init__(self) -> None:
-        if self.split not in SPLIT_SEEDS:
-            raise ValueError(f"unknown split {self.split!r}; splits: {', '.join(SPLIT_SEEDS)}")
-        if self.length == 0:
-            object.__setattr__(self, "length", SPLIT_SIZES[self.split])
-
-    def __len__(self) -> int:
-        return self.length
+    seeds: ClassVar[Mapping[str, int]] = SPLIT_SEEDS
+    sizes: ClassVar[Mapping[str, int]] = SPLIT_SIZES
+    classes: ClassVar[Sequence[str]] = CLASSES
 
     def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        label = i % len(CLASSES)
-        rng = np.random.default_rng((SPLIT_SEEDS[self.split], i))
+        label, rng = self.draw(i)
         return render_clip(CLASSES[label], rng, self.frames, self.size), label
 
     def arrays(self, start: int = 0, stop: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -140,7 +131,3 @@ class MotionDataset:
         stop = stop or self.length
         items = [self[i] for i in range(start, stop)]
         return (np.stack([c for c, _ in items]), np.array([y for _, y in items], dtype=np.int64))
-
-    def __iter__(self) -> Iterator[Tuple[np.ndarray, int]]:
-        for i in range(self.length):
-            yield self[i]
