@@ -124,6 +124,8 @@ def open_source(source: Union[str, int, Path]) -> Tuple[Any, str]:
         return cap, f"camera {index}"
     text = str(source)
     is_url = "://" in text
+    if not is_url and Path(text).is_dir():
+        raise SourceError(f"{text} is a folder, not a video file; {how}")
     if not is_url and not Path(text).is_file():
         raise SourceError(f"video file {text} does not exist; {how}")
     cap = cv2.VideoCapture(text)

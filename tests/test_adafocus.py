@@ -213,6 +213,10 @@ def test_cli_calibrate_and_bench(calibrated, tmp_path, capsys):
     assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
                  "0.0000001", "-q"]) == 2
     assert "below the first stage's own cost" in capsys.readouterr().err
+    for bad in ("nan", "inf", "-1"):
+        assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget", bad,
+                     "-q"]) == 2
+        assert "a budget must be a positive number of GFLOPs" in capsys.readouterr().err
     before = (out / "manifest.json").read_bytes()
     assert main(["calibrate", "exits", str(out), "--data", "motion:val:40", "--budget",
                  f"{budgets[0]:.6f}", "-q", "--plot", str(tmp_path / "no" / "curve.png")]) == 2

@@ -19,7 +19,7 @@ from adaedge.bundle import BundleError, load as load_bundle
 from adaedge.export import ExportError, export
 from adaedge.models import CheckpointError
 from adaedge.models.adafuse import KEEP, REUSE, SKIP, AdaFuse, previous_frame, temporal_shift
-from adaedge.runtime import Stream, load
+from adaedge.runtime import InputError, Stream, load
 from adaedge.verify import relative_error as close
 
 from .conftest import randomize
@@ -227,6 +227,21 @@ def test_stream_matches_the_reference_frame_by_frame(tmp_path, execution, shift)
     assert close(whole.scores, ref) < RTOL
     one = rt.classify(x[1:].numpy())                  # a stream alone gives what it gave in a batch
     assert close(one.scores, ref[1:]) < RTOL
+
+
+def test_stream_state_of_the_wrong_shape_is_refused(tmp_path):
+    export(tiny_adafuse(), tmp_path / "b", options={"stream": True})
+    rt = load(tmp_path / "b")
+    frame = clips()[:, :, :1].numpy()
+    state = rt.classify(frame).state
+    name = rt.manifest.state[0].name
+    bad = dict(state)
+    bad[name] = np.asarray(state[name])[..., :1]                 # one element short
+    with pytest.raises(InputError, match=f"state '{name}' has shape"):
+        rt.classify(frame, state=bad)
+    bad[name] = np.asarray(state[name])[0]                        # rank one lower
+    with pytest.raises(InputError, match=f"state '{name}'"):
+        rt.classify(frame, state=bad)
 
 
 def test_gathered_stream_runs_fewer_flops_and_every_bucket_is_exact(tmp_path):

@@ -127,6 +127,8 @@ def test_paced_playback_keeps_up_with_the_file_and_skips_nothing(labelled_bundle
 def test_a_missing_file_and_a_missing_camera_say_how_to_choose_a_source(labelled_bundle, tmp_path):
     with pytest.raises(SourceError, match="does not exist; choose a source with --source"):
         run_demo(source=tmp_path / "nope.mp4", bundle=labelled_bundle, headless=True)
+    with pytest.raises(SourceError, match="is a folder, not a video file"):
+        run_demo(source=tmp_path, bundle=labelled_bundle, headless=True)
     with pytest.raises(SourceError, match="camera 7 is not there"):
         run_demo(source=7, bundle=labelled_bundle, headless=True)
     junk = tmp_path / "junk.mp4"

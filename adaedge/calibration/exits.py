@@ -170,6 +170,11 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
     """
     if not budgets:
         raise CalibrationError("give at least one budget (GFLOPs per clip)")
+    for value in budgets:        # nan or inf would be stored as a threshold key
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not np.isfinite(value) or value <= 0:
+            raise CalibrationError(f"a budget must be a positive number of GFLOPs per clip, "
+                                   f"not {value!r}")
     b = load_bundle(bundle)
     runtime = load_runtime(b, backend, **backend_options)
     x = check_data(runtime, clips, labels)

@@ -412,8 +412,14 @@ class Runtime:
                 raise InputError(f"state {spec.name!r} is missing")
             if isinstance(st[spec.name], np.ndarray):
                 st[spec.name] = ops.from_host(np.ascontiguousarray(st[spec.name]))
-            if ops.shape(st[spec.name])[:1] != (n,):
+            shape = tuple(ops.shape(st[spec.name]))
+            want = (n,) + tuple(spec.shape[1:])
+            if shape[:1] != (n,):
                 raise InputError(f"state {spec.name!r} is not for a batch of {n}")
+            if len(shape) != len(want) or any(isinstance(w, int) and w != g
+                                              for g, w in zip(shape, want)):
+                raise InputError(f"state {spec.name!r} has shape {shape}; this bundle carries "
+                                 f"{want} (start from None, or pass the state a call returned)")
         return st
 
     def _classify_frames(self, x: np.ndarray, force: Force, budget: Union[str, float, None],
