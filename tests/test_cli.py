@@ -103,6 +103,8 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
       "{t}/x"], "width_mult must be a number above 0 and at most 16, not 0"),
     (["export", "vared_r2plus1d_18", "--random-weights", "--config", "width_mult=abc", "--out",
       "{t}/x"], "width_mult must be a number above 0"),
+    (["export", "vared_r2plus1d_18", "--random-weights", "--config", "nope=1", "--out",
+      "{t}/x"], "'nope' is not a setting of this model"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tiny_bundle, tmp_path, capsys, argv, message):
     argv = [a.format(b=tiny_bundle, t=tmp_path) for a in argv]

@@ -85,13 +85,38 @@ def _check_config(name: str, config: Mapping[str, Any]) -> None:
                               f"most {SCALES[key]:g}, not {value!r}")
 
 
+def _check_keys(name: str, builder: Any, config: Mapping[str, Any]) -> None:
+    """An unknown setting named in words, with the settings the model takes."""
+    import inspect
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ConfigError(f"bad config for {name!r}: {', '.join(map(repr, unknown))} "
+                          f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                          f"of this model (it takes {', '.join(known)})")
+
+
 def create(name: str, **config: Any) -> nn.Module:
     """Build a registered model with keyword config; the name and config are kept on the model."""
     builder = family_of(name).builders[name]
     _check_config(name, config)
+    _check_keys(name, builder, config)
     try:
         model = builder(**config)
     except (TypeError, ValueError, RuntimeError) as e:
+        import re
+        found = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        if found:     # what the builder's signature did not show (it forwards **config)
+            raise ConfigError(f"bad config for {name!r}: {found.group(1)!r} is not a setting "
+                              "of this model (see its class's parameters in adaedge/models)"
+                              ) from None
         raise ConfigError(f"bad config for {name!r}: {e}") from None
     model.adaedge_name = name  # type: ignore[assignment]
     model.adaedge_config = _jsonable(dict(config))  # type: ignore[assignment]
