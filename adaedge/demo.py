@@ -300,8 +300,8 @@ class Summary:
                  f"latency          median {d['median_ms']:.2f} ms, p90 {d['p90_ms']:.2f} ms"
                  + (f" (static network {d['static_ms']:.2f} ms: {d['time_saved'] * 100:.0f}% "
                     "saved)" if d["static_ms"] and d["time_saved"] is not None else ""),
-                 f"GFLOPs per clip  {d['mean_gflops']:.4f} mean, static network "
-                 f"{d['static_gflops']:.4f}",
+                 f"GFLOPs per clip  {d['mean_gflops']:.4f} mean"
+                 + (f", static network {d['static_gflops']:.4f}" if d["static_gflops"] else ""),
                  f"branches         {shares}",
                  f"labels           {top}",
                  f"display          {d['display_fps']:.1f} FPS"]

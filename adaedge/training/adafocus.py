@@ -31,7 +31,7 @@ from .. import models
 from ..models.adafocus_v3 import AdaFocusV3
 from .vared import DATASETS, normalise
 
-SIZES = {"camera": 40, "motion": 32}
+SIZES = {"camera": 32, "motion": 32}   # the default glance (16) divides 32
 
 
 def _clips(data: str, split: str, frames: int, size: int, length: int) -> Any:
