@@ -288,18 +288,32 @@ def export_v2(model: AdaFocusV2, progress: Progress = None) -> Parts:
         local = resnet(g, fixed_crop(g, frame, at(acts, 2), s, p), model.local_CNN, p)
         z = mlp(g, g.op("Concat", at(gv, c_g), local, axis=1), model.classifier.mlp)
         inputs = {"clip": "clip", "g": "g", "actions": "actions"}
-        if k > 0:
-            width: Any = model.classifier.mlp.layers[0]
-            z = g.op("Max", z, g.input("prev", ["N", int(width.out_features)]))
-            inputs["prev"] = f"state{k - 1}"
-        g.output(z, "state")
+        width: Any = model.classifier.mlp.layers[0]
+        z = _running_max(g, z, k, int(width.out_features), inputs)
         g.output(head(g, z, model.classifier.classifiers[k]), "logits")
-        last = k == t - 1
-        parts.program.run(parts.add(f"frame{k}", g.model()), inputs,
-                          {"state": f"state{k}", "logits": "logits" if last else f"logits{k}"})
-        if not last:
-            parts.program.exit(f"exit{k}", f"logits{k}", CRITERION)
+        _add_step(parts, g, f"frame{k}", k, inputs, k == t - 1, f"logits{k}", f"exit{k}")
     return parts
+
+
+def _running_max(g: Graph, z: str, k: int, width: int, inputs: Dict[str, str]) -> str:
+    """The official classifiers' recurrence: step ``k`` keeps the element-wise max of its
+    features and the previous step's (input ``prev``, read from value ``state{k-1}``); the
+    result is the step's output ``state``."""
+    if k > 0:
+        z = g.op("Max", z, g.input("prev", ["N", width]))
+        inputs["prev"] = f"state{k - 1}"
+    g.output(z, "state")
+    return z
+
+
+def _add_step(parts: Parts, g: Graph, name: str, k: int, inputs: Dict[str, str], last: bool,
+              logits: str, exit_name: str) -> None:
+    """Run step ``k``'s piece (its state becomes ``state{k}``); every step but the last gives its
+    logits as ``logits`` and exits on them, the last gives the bundle's output."""
+    parts.program.run(parts.add(name, g.model()), inputs,
+                      {"state": f"state{k}", "logits": "logits" if last else logits})
+    if not last:
+        parts.program.exit(exit_name, logits, CRITERION)
 
 
 def spatial_policy(g: Graph, maps: str, pol: Any) -> str:
@@ -395,16 +409,10 @@ def export_uni(model: UniAdaFocus, progress: Progress = None) -> Parts:
         z = mlp(g, local, cls.local_mlp)
         inputs = {"clip": "clip", "c1": "c1", "focus_index": "focus_index",
                   "focus_boxes": "focus_boxes"}
-        if f > 0:
-            z = g.op("Max", z, g.input("prev", ["N", hidden]))
-            inputs["prev"] = f"state{f - 1}"
-        g.output(z, "state")
+        z = _running_max(g, z, f, hidden, inputs)
         g.output(head(g, g.op("Concat", z, c1, axis=1), cls.local_classifiers[f]), "logits")
-        last = f == fo - 1
-        parts.program.run(parts.add(f"focus{f}", g.model()), inputs,
-                          {"state": f"state{f}", "logits": "logits" if last else f"logits{f + 1}"})
-        if not last:
-            parts.program.exit(f"exit{f + 1}", f"logits{f + 1}", CRITERION)
+        _add_step(parts, g, f"focus{f}", f, inputs, f == fo - 1, f"logits{f + 1}",
+                  f"exit{f + 1}")
     return parts
 
 
