@@ -247,11 +247,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.exits import calibrate_exits, load_data
     from .runtime import load
     if args.plot:                # a plot that cannot be written fails before thresholds are
-        plot = Path(args.plot)   # stored, not after
-        if not plot.parent.is_dir():
-            raise UsageError(f"--plot {plot}: the folder {plot.parent} does not exist")
-        if plot.is_dir():
-            raise UsageError(f"--plot {plot} is a folder; give a file name")
+        from .demo import check_destination          # stored, not after
+        check_destination(Path(args.plot), "--plot", None, replace=True)
     runtime = load(args.bundle)
     clips, labels = load_data(args.data, runtime)
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,

@@ -832,9 +832,11 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
-def check_destination(path: Path, flag: str, source: Union[str, int, Path], replace: bool) -> None:
-    """Refuse to write over the source, into a missing folder, or over an existing file
-    without ``replace``: each in one line naming the fix."""
+def check_destination(path: Path, flag: str, source: Union[None, str, int, Path],
+                      replace: bool) -> None:
+    """Refuse to write over the source, into a missing folder, onto a folder, or over an
+    existing file without ``replace``: each in one line naming the fix (the demo's outputs,
+    calibrate's plot)."""
     if isinstance(source, (str, Path)) and Path(source).is_file() and path.exists() and \
             os.path.samefile(path, source):
         raise UsageError(f"{flag} {path} is the source video; choose another file")
