@@ -280,7 +280,16 @@ class Runtime:
         More than ``MAX_CALL_CLIPS`` (64) clips run as calls of 64, with the same results, so
         that memory stays bounded however many clips one call is given.
         """
-        x = self.check_clips(clips)
+        return self._classify(self.check_clips(clips), force, budget, exit_at, keep_values,
+                              state, exits, graph)
+
+    def _classify(self, x: np.ndarray, force: Force = None,
+                  budget: Union[str, float, None] = None,
+                  exit_at: Union[str, Sequence[Optional[str]], None] = None,
+                  keep_values: bool = False, state: Optional[Mapping[str, Any]] = None,
+                  exits: bool = True, graph: bool = False) -> Result:
+        """``classify`` for clips ``check_clips`` already passed: the frame-by-frame and
+        batch-by-batch paths call it on their slices without checking the clips again."""
         n = x.shape[0]
         if n > MAX_CALL_CLIPS:           # bounded memory: a huge batch runs as calls of 64 clips
             if keep_values or state is not None:
@@ -428,7 +437,8 @@ class Runtime:
         """A stream bundle fed a clip frame by frame; traces add up the frames."""
         frames: List[Result] = []
         for t in range(x.shape[2]):
-            r = self.classify(x[:, :, t:t + 1], force, budget, exit_at, keep_values, state, exits)
+            r = self._classify(np.ascontiguousarray(x[:, :, t:t + 1]), force, budget, exit_at,
+                               keep_values, state, exits)
             state = r.state
             frames.append(r)
         traces = []
@@ -462,7 +472,7 @@ class Runtime:
         scores, traces = [], []
         for start in range(0, len(x), batch):
             part = exit_at if stops is None else stops[start:start + batch]
-            r = self.classify(x[start:start + batch], exit_at=part, **options)
+            r = self._classify(x[start:start + batch], exit_at=part, **options)
             scores.append(r.scores)
             traces += r.traces
         return Result(scores=np.concatenate(scores), traces=traces)
