@@ -10,7 +10,7 @@ import hashlib
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 from ..errors import BundleError
 from .manifest import Manifest, parse_manifest
@@ -150,10 +150,26 @@ def parse_onnx(data: bytes, what: str) -> Any:
     return model
 
 
-def check_io(model: Any, piece: Any, what: str) -> None:
-    """The graph's inputs and outputs (names, dtypes, static dimensions) must be the manifest's:
-    a piece replaced by a graph of other shapes is named here, not deep inside a backend."""
+def value_shape(v: Any) -> List[Union[int, str]]:
+    """An ONNX value's dimensions: ints where static, the symbol's name (or ``"?"``) where not;
+    the manifest's ``shape`` of a tensor."""
+    return [int(d.dim_value) if d.HasField("dim_value") else
+            (d.dim_param if d.HasField("dim_param") else "?") for d in v.type.tensor_type.shape.dim]
+
+
+def value_dtype(v: Any) -> str:
+    """An ONNX value's element type as the manifest names it (``float32``, ``int64``, ...)."""
     import onnx
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+    except Exception:            # undefined or not a NumPy type
+        return "unknown"
+
+
+def check_io(model: Any, piece: Any, what: str) -> None:
+    """The graph's inputs and outputs (names, dtypes, static dimensions) must be the manifest's,
+    as the exporter wrote them from the graph (:func:`value_shape`, :func:`value_dtype`): a
+    piece replaced by a graph of other shapes is named here, not deep inside a backend."""
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     for side, values, specs in (("inputs", [v for v in graph.input if v.name not in inits],
@@ -163,18 +179,13 @@ def check_io(model: Any, piece: Any, what: str) -> None:
             raise BundleError(f"{what}: its graph's {side} {sorted(have)} are not the manifest's "
                               f"{sorted(t.name for t in specs)}")
         for spec in specs:
-            tt = have[spec.name].type.tensor_type
-            try:
-                dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-            except Exception:
-                dtype = f"ONNX type {tt.elem_type}"
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            dtype, dims = value_dtype(have[spec.name]), value_shape(have[spec.name])
             if dtype != spec.dtype or len(dims) != len(spec.shape) or any(
-                    isinstance(m, int) and g is not None and g != m
+                    isinstance(m, int) and isinstance(g, int) and g != m
                     for g, m in zip(dims, spec.shape)):
                 raise BundleError(f"{what}: {side[:-1]} {spec.name!r} is {dtype} "
-                                  f"{['?' if g is None else g for g in dims]} in its graph but "
-                                  f"{spec.dtype} {spec.shape} in the manifest")
+                                  f"{[g if isinstance(g, int) else '?' for g in dims]} in its "
+                                  f"graph but {spec.dtype} {spec.shape} in the manifest")
 
 
 def load(root: Union[str, Path]) -> Bundle:
@@ -221,4 +232,5 @@ def write_manifest(root: Union[str, Path], manifest: Manifest) -> Path:
     return write_atomic(Path(root) / MANIFEST, json.dumps(data, indent=1) + "\n")
 
 
-__all__ = ["Bundle", "check_io", "load", "write_manifest", "parse_onnx"]
+__all__ = ["Bundle", "check_io", "load", "write_manifest", "parse_onnx", "value_dtype",
+           "value_shape"]

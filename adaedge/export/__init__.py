@@ -22,12 +22,12 @@ import onnx
 from .. import __version__
 from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
                       write_manifest)
+from ..bundle.folder import value_dtype, value_shape
 from ..errors import ExportError
 from ..models import family_of, model_config, model_name
 from ..models.registry import KINETICS_MEAN, KINETICS_STD
 from ..progress import Progress
 from .flops import count_flops
-from .graph import value_dtype, value_shape
 from .parts import Parts
 from .replace import old_bundle_files, replace_bundle, terminate_as_interrupt
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Union
 import onnx
 
 from ..bundle.vocabulary import CUSTOM_DOMAIN
-from .graph import value_shape
+from ..bundle.folder import value_shape
 
 
 def _prod(xs: List[int]) -> int:

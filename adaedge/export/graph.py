@@ -20,7 +20,6 @@ from ..bundle.vocabulary import CUSTOM_DOMAIN, CUSTOM_OPSET, IR_VERSION, IR_VERS
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
           "int64": TensorProto.INT64, "int32": TensorProto.INT32, "bool": TensorProto.BOOL,
           "uint8": TensorProto.UINT8}
-_DTYPE_NAME: Dict[int, str] = {int(v): k for k, v in _DTYPE.items()}
 
 Dim = Union[int, str]
 
@@ -129,22 +128,6 @@ def _fill_output_shapes(model: onnx.ModelProto) -> None:
     for out in model.graph.output:
         if not out.type.tensor_type.HasField("shape") and out.name in known:
             out.type.CopyFrom(known[out.name].type)
-
-
-def value_shape(v: onnx.ValueInfoProto) -> List[Dim]:
-    dims: List[Dim] = []
-    for d in v.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append("?")
-    return dims
-
-
-def value_dtype(v: onnx.ValueInfoProto) -> str:
-    return _DTYPE_NAME.get(int(v.type.tensor_type.elem_type), "unknown")
 
 
 def to_numpy(t: Any) -> np.ndarray:
