@@ -701,6 +701,7 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
     src = default_video() if source is None else source
     cap, description = open_source(src)     # fail on a bad source before any export work
     writer: Any = None
+    partial: Optional[Path] = None          # where the video is written until the run succeeds
     try:
         bundle_dir = Path(bundle) if bundle is not None else demo_bundle(
             backend=backend, progress=progress, log=log)
@@ -805,7 +806,8 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         if writer is not None:
             writer.release()
             writer = None
-            os.replace(partial_path(Path(str(output))), str(output))
+            assert partial is not None
+            os.replace(partial, str(output))
         if plot is not None:
             partial_png = partial_path(Path(plot))
             try:
@@ -819,9 +821,9 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         return summary
     finally:
         cap.release()
-        if writer is not None:                 # the run failed: its partial video goes
+        if writer is not None and partial is not None:   # the run failed: its partial video goes
             writer.release()
-            partial_path(Path(str(output))).unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
 
 
 DEFAULT_OUTPUT = "adaedge-demo.mp4"
