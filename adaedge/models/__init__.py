@@ -69,7 +69,7 @@ def family(name: str) -> str:
 # Config values every family reads the same way, checked before a model is built (a negative
 # class count reached PyTorch as a raw RuntimeError; a width of 0 exported an empty network).
 COUNTS = {"num_classes": 1_000_000, "frames": 4096, "size": 8192, "input_frames": 4096,
-          "patch": 8192, "patch_size": 8192, "search_space": 8}
+          "patch": 8192, "search_space": 8}
 SCALES = {"width_mult": 16.0}
 
 
