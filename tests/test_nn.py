@@ -118,6 +118,26 @@ def test_force_overrides_the_gate():
     assert layer.last_branch.tolist() == [3, 3]
 
 
+def test_a_per_clip_force_runs_each_clip_on_its_own_branch():
+    """Gate-target training forces one branch per clip (a LongTensor). In eval mode each clip's
+    output is its branch's; in train mode (batch statistics per branch group, so values differ)
+    the same branches are taken; the gate's logits are kept either way."""
+    layer = _layer((3, 3, 3), (2, 1, 1), (1, 1, 1))
+    x = torch.randn(4, 6, 4, 7, 7)
+    branches = [3, 0, 2, 1]
+    layer.force = torch.tensor(branches)
+    with torch.no_grad():
+        layer.train(True)
+        layer(x)
+        assert layer.last_branch.tolist() == branches and layer.last_logits is not None
+        layer.train(False)
+        out = layer(x)
+        assert layer.last_branch.tolist() == branches
+        for i, b in enumerate(branches):
+            torch.testing.assert_close(out[i:i + 1],
+                                       layer.branch_forward(x[i:i + 1], layer.branches[b]))
+
+
 def test_efficiency_loss_counts_only_correct_clips_and_trains_the_gate():
     layer = _layer((1, 3, 3), (1, 1, 1), (0, 1, 1))
     layer.train()
