@@ -279,7 +279,7 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
 # ---------------------------------------------------------------------------------------------
 # where the time goes
 
-CATEGORIES = ("conv", "fill", "movement", "gate", "other", "call", "interpreter")
+CATEGORIES = ("conv", "fill", "movement", "quant", "gate", "other", "call", "interpreter")
 _COMPUTE = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedGemm",
             "FusedMatMul", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
 _MOVEMENT = {"Concat", "Reshape", "Transpose", "Slice", "Identity", "ReorderInput",
@@ -287,6 +287,7 @@ _MOVEMENT = {"Concat", "Reshape", "Transpose", "Slice", "Identity", "ReorderInpu
              "Squeeze", "Flatten", "Expand", "Tile", "Pad", "Cast", "ScatterElements",
              "ScatterND", "Shape", "MemcpyFromHost", "MemcpyToHost", "Copy"}
 _CONTROL = {"If", "Loop", "Scan"}
+_QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 def category(op: str, node: str, piece: str) -> Optional[str]:
@@ -301,6 +302,8 @@ def category(op: str, node: str, piece: str) -> Optional[str]:
         return "fill" if "fill" in node else "conv"
     if op in _MOVEMENT:
         return "movement"
+    if op in _QUANT:
+        return "quant"
     return "other"
 
 
@@ -336,10 +339,11 @@ def profile_breakdown(config: Config, clips: np.ndarray, batch: int,
                       reps: int = 3) -> Optional[Dict[str, float]]:
     """Milliseconds per clip by category for one configuration, from ONNX Runtime's profiler:
     ``conv`` (convolutions and matrix products of computed filters), ``fill`` (cheap fills),
-    ``movement`` (concatenation, layout reorders, reshapes, copies inside pieces), ``gate`` (gate
-    pieces), ``other`` (element-wise, pooling, ...), ``call`` (each session run beyond its
-    kernels: the call, its inputs and outputs), ``interpreter`` (the wall time beyond the runs:
-    Python, grouping, copies between pieces). Profiling inflates times: read the proportions. None
+    ``movement`` (concatenation, layout reorders, reshapes, copies inside pieces), ``quant``
+    (int8 forms: quantizing and dequantizing between int8 and float), ``gate`` (gate pieces),
+    ``other`` (element-wise, pooling, ...), ``call`` (each session run beyond its kernels: the
+    call, its inputs and outputs), ``interpreter`` (the wall time beyond the runs: Python,
+    grouping, copies between pieces). Profiling inflates times: read the proportions. None
     for a backend without a profiler."""
     rt = config.runtime
     if rt.backend.name != "onnxruntime":
@@ -350,7 +354,8 @@ def profile_breakdown(config: Config, clips: np.ndarray, batch: int,
     with tempfile.TemporaryDirectory(prefix="adaedge-profile-") as tmp:
         be = rt.backend
         options: Dict[str, Any] = {"threads": be.threads, "pool": getattr(be, "pool", "session"),
-                                   "device": getattr(be, "device", "cpu"), "profile": tmp}
+                                   "device": getattr(be, "device", "cpu"), "profile": tmp,
+                                   "precision": be.precision}
         prof = load(rt.bundle, "onnxruntime", path=rt.path, **options)
         total = int(clips.shape[0])
         prof.classify_batches(clips, batch, force=config.force, **config.options)   # warm-up

@@ -136,22 +136,24 @@ def add_backend_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="onnxruntime", choices=available_backends(),
                    help=_backend_help() + " (default onnxruntime)")
     seen: Dict[str, Any] = {}
-    owners: Dict[str, List[str]] = {}
+    helps: Dict[str, Dict[str, List[str]]] = {}      # option -> help text -> backends
+    choices: Dict[str, List[Any]] = {}
     for name in available_backends():
         for opt in backend_options(name):
             seen.setdefault(opt.name, opt)
-            owners.setdefault(opt.name, []).append(name)
+            helps.setdefault(opt.name, {}).setdefault(opt.help, []).append(name)
+            for c in opt.choices or ():      # an option two backends take: either's choices
+                if c not in choices.setdefault(opt.name, []):
+                    choices[opt.name].append(c)
     for key, opt in seen.items():
-        who = ", ".join(owners[key])
+        text = "; ".join(f"{', '.join(who)}: {h}" for h, who in helps[key].items())
         if opt.negate:
-            g.add_argument(opt.cli_flag, dest=key, action="store_false", default=None,
-                           help=f"{who}: {opt.help}")
+            g.add_argument(opt.cli_flag, dest=key, action="store_false", default=None, help=text)
         elif opt.switch:
-            g.add_argument(opt.cli_flag, dest=key, action="store_true", default=None,
-                           help=f"{who}: {opt.help}")
+            g.add_argument(opt.cli_flag, dest=key, action="store_true", default=None, help=text)
         else:
-            g.add_argument(opt.cli_flag, dest=key, type=opt.type, choices=opt.choices,
-                           help=f"{who}: {opt.help}")
+            g.add_argument(opt.cli_flag, dest=key, type=opt.type,
+                           choices=choices.get(key) or None, help=text)
 
 
 def backend_options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -201,12 +203,51 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(text: str) -> int:
+    from .runtime.backends.onnxruntime import _positive
+    return _positive(text)
+
+
+def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
+    from .calibration.int8 import PIECE_RTOL, verify_int8
+    if args.backend != "onnxruntime":
+        raise UsageError("verify --precision int8 compares the int8 forms with the float pieces "
+                         "on onnxruntime (--backend onnxruntime); TensorRT builds the same Q/DQ "
+                         "files")
+    labels = None
+    if args.data:
+        from .calibration.exits import load_data
+        from .runtime import load
+        count = args.clips or 64
+        clips, labels = load_data(args.data, load(args.bundle))
+        clips, labels = clips[:count], labels[:count]
+        data = f"{args.data}, first {len(clips)}"
+    else:
+        from .bench import random_clips
+        from .runtime import load
+        count = args.clips or 64
+        clips = random_clips(load(args.bundle), count, seed=args.seed)
+        data = f"{count} random clips, seed {args.seed}: give --data for real clips and top-1"
+    report = verify_int8(args.bundle, clips, labels, data=data,
+                         piece_rtol=args.rtol if args.rtol is not None else PIECE_RTOL,
+                         threads=options.get("threads"),
+                         progress=ProgressBar("verify int8", not (args.quiet or args.json)))
+    print(json.dumps(report.to_json(), indent=1) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    options = backend_options(args)
+    if options.get("precision") == "int8":
+        return cmd_verify_int8(args, options)
+    if args.data:
+        raise UsageError("--data is for --precision int8 (the float pieces are verified against "
+                         "the PyTorch reference on random clips)")
     from .verify import verify
-    report = verify(args.bundle, args.checkpoint, clips=args.clips, seed=args.seed,
+    report = verify(args.bundle, args.checkpoint, clips=args.clips or 2, seed=args.seed,
                     rtol=args.rtol, backend=args.backend,
                     progress=ProgressBar("verify", not (args.quiet or args.json)),
-                    **backend_options(args))
+                    **options)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -252,7 +293,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     runtime = load(args.bundle)
     clips, labels = load_data(args.data, runtime)
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
-                             default=args.default,
+                             default=args.default, precision=args.precision,
                              progress=ProgressBar("calibrate", not (args.quiet or args.json)))
     if args.plot:
         from .plot import budget_curve
@@ -268,8 +309,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for sol in report.solutions:
         props = " ".join(f"{p:.2f}" for p in sol.proportions)
         print(f"  {sol.budget:<9g} {sol.gflops:8.5f}  {sol.accuracy:.3f}   {props}")
-    print(f"thresholds written to {args.bundle}/manifest.json"
+    where = " (int8 forms)" if args.precision == "int8" else ""
+    print(f"thresholds{where} written to {args.bundle}/manifest.json"
           + (f"; curve plotted to {args.plot}" if args.plot else ""))
+    return 0
+
+
+def cmd_calibrate_int8(args: argparse.Namespace) -> int:
+    from .calibration.exits import load_data
+    from .calibration.int8 import calibrate_int8
+    from .runtime import load
+    if args.clips < 1 or args.min_clips < 1:
+        raise UsageError("--clips and --min-clips must be at least 1")
+    clips, labels = load_data(args.data, load(args.bundle))
+    clips, labels = clips[:args.clips], labels[:args.clips]
+    report = calibrate_int8(args.bundle, clips, labels, data=f"{args.data}, first {len(clips)}",
+                            method=args.method, keep_float=args.keep_float,
+                            min_clips=args.min_clips, threads=args.threads, target=args.target,
+                            progress=ProgressBar("calibrate int8", not (args.quiet or args.json)))
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(report.text())
+        print(f"int8 forms written to {args.bundle}; run them with --precision int8 (check them "
+              f"with 'adaedge verify {args.bundle} --precision int8 --data ...')")
     return 0
 
 
@@ -388,11 +451,16 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("bundle")
     sp.add_argument("--checkpoint", help="the checkpoint the bundle was exported from "
                                          "(not needed for --random-weights bundles)")
-    sp.add_argument("--clips", type=int, default=2, help="random clips per case (default 2)")
+    sp.add_argument("--clips", type=int, default=None,
+                    help="random clips per case (default 2); with --precision int8, the clips "
+                         "compared (default 64)")
+    sp.add_argument("--data", help="--precision int8: held-out clips, camera|motion[:split"
+                                   "[:count]] or an .npz with 'clips' (and 'labels' for top-1)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--rtol", type=float, default=None,
                     help="tolerance relative to each value's largest magnitude (default 1e-4, or "
-                         "the tolerance the model's family states: 'adaedge models --json')")
+                         "the tolerance the model's family states: 'adaedge models --json'; "
+                         "--precision int8: each piece's, default 0.1)")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -427,14 +495,26 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                          '"clips_per_s", "realization", "limit_ms", "decisions", "decision_ms"'
                          '[, "breakdown"]}], "meta": {..., "device"}}')
 
-    sp = add("calibrate", cmd_calibrate, "calibrate a bundle on held-out data: 'exits' solves "
-             "the exit thresholds for each compute budget and stores them in the bundle")
-    sp.add_argument("what", choices=["exits"])
-    sp.add_argument("bundle")
-    sp.add_argument("--data", required=True,
-                    help="held-out clips: camera[:split[:count]] (the camera data set) or "
-                         "motion[:split[:count]] (the procedural set; default "
-                         "split val) or an .npz with normalised 'clips' and integer 'labels'")
+    cal = sub.add_parser("calibrate", help="calibrate a bundle on held-out data and store the "
+                         "result in it: 'exits' solves exit thresholds for compute budgets, "
+                         "'int8' writes Q/DQ int8 forms of the pieces",
+                         description="calibrate a bundle on held-out data (see each kind's --help)")
+    kinds = cal.add_subparsers(dest="what", required=True, metavar="KIND")
+
+    def add_kind(name: str, func: Callable[[argparse.Namespace], int],
+                 help: str) -> argparse.ArgumentParser:
+        sp = kinds.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+        sp.add_argument("bundle")
+        return sp
+
+    data_help = ("clips: camera[:split[:count]] (the camera data set) or motion[:split[:count]] "
+                 "(the procedural set; default split val) or an .npz with normalised 'clips' "
+                 "and integer 'labels'")
+    sp = add_kind("exits", cmd_calibrate, "solve the exit thresholds for each compute budget "
+                  "and store them in the bundle (--precision int8: for its int8 forms)")
+    sp.add_argument("--data", required=True, help="held-out " + data_help)
     sp.add_argument("--budget", type=float, action="append", required=True,
                     help="mean GFLOPs per clip to meet (repeatable: one threshold set each)")
     sp.add_argument("--criterion", choices=["entropy", "max_prob", "max_logit"],
@@ -444,7 +524,39 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                          "it (the official AdaFocus evaluation's 'confidence')")
     sp.add_argument("--default", type=float,
                     help="also store this budget's thresholds as the bundle's default")
+    sp.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                    help="the pieces to solve on: fp32 (default) or the int8 forms")
     sp.add_argument("--plot", help="draw accuracy against GFLOPs to this PNG")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sp = add_kind("int8", cmd_calibrate_int8, "write int8 forms of the pieces (explicit Q/DQ: "
+                  "weights symmetric int8 per channel; activations as --for's backend wants them), "
+                  "calibrated "
+                  "per branch: a branch piece sees the clips its gate chose, a branch few clips "
+                  "chose is topped up with clips forced through it; gates stay in float unless "
+                  "their int8 decisions agree with float on 99 percent of the clips. Run with "
+                  "'--precision int8' on build, bench, verify and demo")
+    sp.add_argument("--data", required=True, help="calibration " + data_help + " (labels are "
+                    "needed only to solve stored exit thresholds again)")
+    sp.add_argument("--clips", type=int, default=64,
+                    help="calibration clips to use, the first of --data (default 64)")
+    sp.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                    help="activation ranges: minmax (default), entropy (KL) or percentile "
+                         "(99.999%%); entropy and percentile hold a piece's activations over "
+                         "all clips in memory")
+    sp.add_argument("--keep-float", action="append", default=[], metavar="PIECE",
+                    help="keep this piece in float (repeatable; 'adaedge info --json' lists "
+                         "the pieces)")
+    sp.add_argument("--for", dest="target", choices=["onnxruntime", "tensorrt"],
+                    default="onnxruntime",
+                    help="the backend the forms are for: onnxruntime (default: uint8 asymmetric "
+                         "activations, which its CPU kernels fuse with ReLU) or tensorrt "
+                         "(symmetric int8 activations, as explicit INT8 takes them; onnxruntime "
+                         "runs these too, more slowly)")
+    sp.add_argument("--min-clips", type=int, default=16,
+                    help="a branch fewer clips chose is topped up to this many forced clips "
+                         "(default 16)")
+    sp.add_argument("--threads", type=_threads, help="ONNX Runtime threads (default: all cores)")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add("demo", cmd_demo, "classify a camera or video file live with a bundle: capture never "

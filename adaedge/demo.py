@@ -85,8 +85,11 @@ def cache_dir() -> Path:
 
 
 def demo_bundle(checkpoint: Union[str, Path] = DEMO_CHECKPOINT, backend: str = "onnxruntime",
-                progress: Progress = None, log: Callable[[str], None] = print) -> Path:
-    """The bundle of ``checkpoint`` in the cache, exported and built on first use."""
+                progress: Progress = None, log: Callable[[str], None] = print,
+                precision: str = "fp32") -> Path:
+    """The bundle of ``checkpoint`` in the cache, exported and built on first use; at
+    ``precision="int8"`` with its int8 forms, calibrated on first use on the clips shipped beside
+    the checkpoint (``<name>.calib.npz``: 64 clips of the camera data set's val split)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise SourceError(f"the demo checkpoint {checkpoint} is missing: reinstall adaedge, or "
@@ -95,20 +98,39 @@ def demo_bundle(checkpoint: Union[str, Path] = DEMO_CHECKPOINT, backend: str = "
     out = cache_dir() / "bundles" / f"{checkpoint.stem}-{digest[:12]}"
     try:
         load_bundle(out).verify_files()
-        return out
     except BundleError:
-        pass
-    require("torch", "exporting the demo checkpoint on first use", "export")
-    from . import models
-    from .export import export
-    from .runtime import build
-    log(f"first use: exporting {checkpoint.name} into {out} ...")
-    model = models.load_model(checkpoint)
-    _, meta = models.read_checkpoint(checkpoint)
-    export(model, out, labels=meta.get("labels"), overwrite=True, progress=progress,
-           weights={"source": "checkpoint", "file": checkpoint.name, "sha256": digest})
-    build(out, backend, progress=progress)
+        require("torch", "exporting the demo checkpoint on first use", "export")
+        from . import models
+        from .export import export
+        from .runtime import build
+        log(f"first use: exporting {checkpoint.name} into {out} ...")
+        model = models.load_model(checkpoint)
+        _, meta = models.read_checkpoint(checkpoint)
+        export(model, out, labels=meta.get("labels"), overwrite=True, progress=progress,
+               weights={"source": "checkpoint", "file": checkpoint.name, "sha256": digest})
+        build(out, backend, progress=progress)
+    if precision == "int8" and load_bundle(out).manifest.int8 is None:
+        calibrate_demo(out, checkpoint.with_suffix(".calib.npz"), progress, log)
     return out
+
+
+def calibrate_demo(bundle: Path, data: Path, progress: Progress = None,
+                   log: Callable[[str], None] = print) -> None:
+    """Write the demo bundle's int8 forms, calibrated on the shipped clips (uint8 frames,
+    normalised here with the bundle's mean and std)."""
+    from .calibration.int8 import calibrate_int8
+    if not data.is_file():
+        raise SourceError(f"the demo's calibration clips {data} are missing: reinstall adaedge, "
+                          f"or run 'adaedge calibrate int8 {bundle} --data ...'")
+    spec = load_bundle(bundle).manifest.input
+    with np.load(data, allow_pickle=False) as f:
+        raw, labels = f["clips"], f["labels"]
+    mean = np.asarray(spec["mean"], np.float32).reshape(1, -1, 1, 1, 1)
+    std = np.asarray(spec["std"], np.float32).reshape(1, -1, 1, 1, 1)
+    clips = (raw.astype(np.float32) / 255.0 - mean) / std
+    log(f"first use at int8: calibrating {bundle.name} on {len(clips)} shipped clips ...")
+    calibrate_int8(bundle, clips, labels, data=f"{data.name}: {len(clips)} clips of the camera "
+                   "data set's val split", progress=progress)
 
 
 def open_source(source: Union[str, int, Path]) -> Tuple[Any, str]:
@@ -704,7 +726,8 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
     partial: Optional[Path] = None          # where the video is written until the run succeeds
     try:
         bundle_dir = Path(bundle) if bundle is not None else demo_bundle(
-            backend=backend, progress=progress, log=log)
+            backend=backend, progress=progress, log=log,
+            precision=str(backend_options.get("precision") or "fp32"))
         b: Bundle = load_bundle(bundle_dir)
         runtime = load_runtime(b, backend, **backend_options)
         spec = b.manifest.input

@@ -199,7 +199,10 @@ def test_without_tensorrt_the_backend_says_how_to_install_it(tiny_bundle, capsys
     assert main(["build", str(tiny_bundle), "--backend", "tensorrt", "--quiet"]) == 2
     assert "TensorRT" in capsys.readouterr().err
     assert main(["build", str(tiny_bundle), "--backend", "onnxruntime", "--precision", "fp16"]) == 2
-    assert "--precision does not apply to the onnxruntime backend" in capsys.readouterr().err
+    assert "onnxruntime backend runs precision fp32 or int8, not 'fp16'" in \
+        capsys.readouterr().err
+    assert main(["build", str(tiny_bundle), "--backend", "onnxruntime", "--max-batch", "4"]) == 2
+    assert "--max-batch does not apply to the onnxruntime backend" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ through a link that leaves it) and hash-checked against the manifest before anyt
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import zipfile
@@ -13,18 +15,47 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 from ..errors import BundleError
+from .int8 import check_precision
 from .manifest import Manifest, parse_manifest
+from .program import Exit
 from .paths import safe_join, sha256_file, write_atomic
 from .vocabulary import ENGINES, MANIFEST
 
 
 class Bundle:
-    """An opened bundle folder with a validated manifest."""
+    """An opened bundle folder with a validated manifest.
 
-    def __init__(self, root: Union[str, Path], manifest: Manifest) -> None:
+    ``precision`` is ``"fp32"`` for the bundle as exported, ``"int8"`` for the view
+    :meth:`with_precision` gives (``base`` is then the bundle it views).
+    """
+
+    def __init__(self, root: Union[str, Path], manifest: Manifest, precision: str = "fp32",
+                 base: Optional["Bundle"] = None) -> None:
         self.root = Path(root)
         self.manifest = manifest
+        self.precision = precision
+        self.base = base if base is not None else self
         self._verified: Dict[str, Path] = {}
+
+    def with_precision(self, precision: str) -> "Bundle":
+        """The bundle as a backend runs it at ``precision``: ``"fp32"`` is the bundle itself;
+        ``"int8"`` puts each int8 piece's file in place of the float one (same I/O and FLOPs),
+        gives the exits the thresholds solved on the int8 forms, and its own engine caches."""
+        check_precision(precision)
+        base = self.base
+        if precision == "fp32":
+            return base
+        forms = base.manifest.int8
+        if forms is None:
+            raise BundleError(f"bundle {self.root} has no int8 pieces; write them with 'adaedge "
+                              f"calibrate int8 {self.root} --data ...'")
+        m = copy.copy(base.manifest)
+        m.pieces = {n: (dataclasses.replace(p, file=forms.pieces[n].file,
+                                            sha256=forms.pieces[n].sha256)
+                        if n in forms.pieces else p) for n, p in base.manifest.pieces.items()}
+        m.program = [dataclasses.replace(s, thresholds=dict(forms.thresholds.get(s.name, {})))
+                     if isinstance(s, Exit) else s for s in base.manifest.program]
+        return Bundle(base.root, m, "int8", base)
 
     def piece_path(self, name: str, check_hash: bool = True) -> Path:
         """The piece's file inside the bundle, present and matching its recorded SHA-256."""
@@ -96,7 +127,9 @@ class Bundle:
         return out
 
     def engine_dir(self, key: str) -> Path:
-        return safe_join(self.root, f"{ENGINES}/{key}")
+        """A backend's cache folder (each precision has its own)."""
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        return safe_join(self.root, f"{ENGINES}/{key}{suffix}")
 
 
 def _tensors(graph: Any) -> Iterator[Any]:

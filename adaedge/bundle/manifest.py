@@ -15,7 +15,8 @@ Manifest (schema version 1)::
       "policies": {name: {switch name: branch index}}, # forced policies (static, all-half, ...)
       "constants": {"file": "graphs/<name>.npz", "sha256": hex,        # optional: tensors that
                     "tensors": [{"name", "shape", "dtype"}]},          # several pieces read
-      "stream": {"window": T}                          # optional: a per-frame program (below)
+      "stream": {"window": T},                         # optional: a per-frame program (below)
+      "int8": {...}                                    # optional: Q/DQ forms (adaedge.bundle.int8)
     }
 
 Constants are weights shared by several pieces (AdaFuse's bucketed pieces all read one block's
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import BundleError
+from .int8 import Int8Forms
 from .program import Carry, Exit, Run, Step, Switch, parse_program
 from .specs import Constants, Piece, TensorSpec, name, need
 from .vocabulary import FORMAT, SCHEMA_VERSION
@@ -54,6 +56,7 @@ class Manifest:
     adaedge_version: str = ""
     constants: Optional[Constants] = None
     stream: Optional[Dict[str, int]] = None
+    int8: Optional[Int8Forms] = None
 
     def to_json(self) -> Dict[str, Any]:
         out = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
@@ -66,6 +69,8 @@ class Manifest:
             out["constants"] = self.constants.to_json()
         if self.stream is not None:
             out["stream"] = dict(self.stream)
+        if self.int8 is not None:
+            out["int8"] = self.int8.to_json()
         return out
 
     @property
@@ -212,10 +217,14 @@ def parse_manifest(data: Any) -> Manifest:
         if spec["frames"] != 1:
             raise BundleError("manifest: a stream bundle takes one frame per call (input.frames 1)")
         stream = {"window": int(st["window"])}
+    int8 = None
+    if data.get("int8") is not None:
+        int8 = Int8Forms.from_json(data["int8"], pieces,
+                                   {s.name: s for s in program if isinstance(s, Exit)})
     return Manifest(model=model, input=spec, output=output, pieces=pieces, program=program,
                     state=state, policies=policies,
                     adaedge_version=str(data.get("adaedge_version", "")),
-                    constants=constants, stream=stream)
+                    constants=constants, stream=stream, int8=int8)
 
 
 __all__ = ["Manifest", "parse_manifest", "budget_key"]

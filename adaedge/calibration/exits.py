@@ -167,6 +167,8 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
     A different ``criterion`` than the bundle's replaces the thresholds stored before; the same one
     adds to them (a budget solved again is replaced). ``default`` also stores that budget's
     thresholds as ``default``, which ``classify`` uses when no budget is named.
+    ``precision="int8"`` (a backend option) solves them on the bundle's int8 forms and stores them
+    with those forms.
     """
     if not budgets:
         raise CalibrationError("give at least one budget (GFLOPs per clip)")
@@ -193,16 +195,32 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
         raise CalibrationError(f"the default budget {default:g} is not one of the budgets solved")
     if write:
         manifest = b.manifest
+        int8 = runtime.bundle.precision == "int8"
+        if int8 and any(s.criterion != criterion for s in manifest.exits()):
+            raise CalibrationError(f"the int8 exits use the float exits' criterion "
+                                   f"({manifest.exits()[0].criterion}); calibrate with it, or "
+                                   "calibrate the float exits with the new one first")
         for step in manifest.exits():
-            if step.criterion != criterion:
+            if step.criterion != criterion:      # a new criterion: every old threshold goes
                 step.criterion = criterion
                 step.thresholds = {}
-            thresholds = dict(step.thresholds)
+                if manifest.int8 is not None:
+                    manifest.int8.thresholds = {}
+            if int8:
+                assert manifest.int8 is not None
+                old = manifest.int8.thresholds.get(step.name, {})
+            else:
+                old = step.thresholds
+            thresholds = dict(old)
             for sol in report.solutions:
                 thresholds[budget_key(sol.budget)] = sol.thresholds[step.name]
                 if default is not None and abs(sol.budget - default) <= 1e-12:
                     thresholds["default"] = sol.thresholds[step.name]
-            step.thresholds = thresholds
+            if int8:
+                assert manifest.int8 is not None
+                manifest.int8.thresholds[step.name] = thresholds
+            else:
+                step.thresholds = thresholds
         write_manifest(b.root, manifest)
     return report
 

@@ -1,7 +1,7 @@
 """Putting a freshly written bundle in place without losing anything.
 
-``export --overwrite`` replaces what the old bundle's manifest lists (its manifest, pieces and
-constants) and its engine caches, nothing else: files a user keeps beside a bundle (the
+``export --overwrite`` replaces what the old bundle's manifest lists (its manifest, pieces, their
+int8 forms and constants) and its engine caches, nothing else: files a user keeps beside a bundle (the
 checkpoint being exported, notes) move into the new bundle. The old bundle stays whole until the
 new one is complete:
 
@@ -81,10 +81,11 @@ def old_bundle_files(out: Path) -> Set[str]:
         raise ExportError(f"{out} holds a {MANIFEST} that is not an adaedge bundle's; nothing "
                           "was changed: choose an empty or new folder")
     owned = {MANIFEST, ENGINES}
-    pieces = data.get("pieces")
-    for piece in pieces.values() if isinstance(pieces, dict) else ():
-        if isinstance(piece, dict) and isinstance(piece.get("file"), str):
-            owned.add(os.path.normpath(piece["file"]))
+    int8 = data.get("int8")
+    for pieces in (data.get("pieces"), int8.get("pieces") if isinstance(int8, dict) else None):
+        for piece in pieces.values() if isinstance(pieces, dict) else ():
+            if isinstance(piece, dict) and isinstance(piece.get("file"), str):
+                owned.add(os.path.normpath(piece["file"]))
     constants = data.get("constants")
     if isinstance(constants, dict) and isinstance(constants.get("file"), str):
         owned.add(os.path.normpath(constants["file"]))

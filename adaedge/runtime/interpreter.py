@@ -116,6 +116,7 @@ class Runtime:
                              "path='pieces'")
         self.path = path
         self._compiled: Dict[Any, Executable] = {}
+        bundle = backend.bundle_for(bundle)      # the int8 forms at precision int8
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.backend = backend
@@ -337,10 +338,16 @@ class Runtime:
             if budget is not None and key not in step.thresholds:
                 raise InputError(f"exit {step.name!r} has no thresholds for budget {key!r}; "
                                  f"it has {', '.join(sorted(step.thresholds)) or 'none'} "
-                                 "(run 'adaedge calibrate exits')")
+                                 f"{self._calibrate_hint()}")
             if key in step.thresholds:
                 out[step.name] = step.thresholds[key]
         return out
+
+    def _calibrate_hint(self) -> str:
+        if self.bundle.precision == "int8":
+            return ("at int8 (run 'adaedge calibrate exits --precision int8', or 'adaedge "
+                    "calibrate int8' with labelled data)")
+        return "(run 'adaedge calibrate exits')"
 
     def compiled(self, forced: Mapping[str, int],
                  thresholds: Optional[Mapping[str, float]]) -> Executable:
@@ -609,7 +616,7 @@ class _Call:
             if self.budget is not None and key not in step.thresholds:
                 raise InputError(f"exit {name!r} has no thresholds for budget {self.budget!r}; "
                                  f"it has {', '.join(sorted(step.thresholds)) or 'none'} "
-                                 "(run 'adaedge calibrate exits')")
+                                 f"{self.rt._calibrate_hint()}")
             if key not in step.thresholds:
                 return
             done = step.leaves(exit_measure(scores, step.criterion), step.thresholds[key])
@@ -683,7 +690,8 @@ def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
           progress: Progress = None, **options: Any) -> Path:
     """Prepare the backend's engines into the bundle's cache; returns the cache folder."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return create_backend(backend, **options).build(b, progress)
+    be = create_backend(backend, **options)
+    return be.build(be.bundle_for(b), progress)
 
 
 __all__ = ["Runtime", "Stream", "Result", "Trace", "StepRecord", "Force", "load", "build",

@@ -60,6 +60,12 @@ class Backend(ABC):
     arrays: ArrayOps = NUMPY            # where values live and how rows are picked and joined
     threads: Optional[int] = None       # CPU threads per piece, where the backend has them
     runs_graphs: ClassVar[bool] = False  # load_graph runs a whole compiled program (If nodes)
+    precision: str = "fp32"             # the pieces' precision: int8 runs the bundle's Q/DQ forms
+
+    def bundle_for(self, bundle: Bundle) -> Bundle:
+        """The view of ``bundle`` this backend runs: its int8 forms at ``precision="int8"``
+        (:meth:`Bundle.with_precision`), the bundle as exported otherwise."""
+        return bundle.with_precision("int8" if self.precision == "int8" else "fp32")
 
     @abstractmethod
     def build(self, bundle: Bundle, progress: Progress = None) -> Path:

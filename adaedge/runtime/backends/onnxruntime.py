@@ -102,11 +102,13 @@ class OnnxRuntimeBackend(Backend):
                       choices=("session", "shared")),
         BackendOption("device", "cpu (default) or cuda (needs onnxruntime-gpu)",
                       choices=("cpu", "cuda")),
+        BackendOption("precision", "fp32 (default) or int8: the bundle's Q/DQ forms, which "
+                                   "'adaedge calibrate int8' writes", choices=("fp32", "int8")),
     )
 
     def __init__(self, device: str = "cpu", threads: Optional[int] = None,
                  use_cache: bool = True, pool: str = "session",
-                 profile: Optional[str] = None) -> None:
+                 profile: Optional[str] = None, precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -121,6 +123,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(
                 "onnxruntime's CUDA execution provider is not installed here (this onnxruntime "
                 f"has {', '.join(available)}); install onnxruntime-gpu on a machine with a CUDA GPU")
+        if precision not in ("fp32", "int8"):
+            raise UsageError(f"the onnxruntime backend runs precision fp32 or int8, not "
+                             f"{precision!r} (fp16 engines: --backend tensorrt)")
+        self.precision = precision
         self.device = device
         self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" \
             else ["CPUExecutionProvider"]
@@ -151,7 +157,7 @@ class OnnxRuntimeBackend(Backend):
 
     def device_info(self) -> Dict[str, Any]:
         return {"name": self.device, "threads": self.threads, "pool": self.pool,
-                "onnxruntime": self.ort.__version__}
+                "precision": self.precision, "onnxruntime": self.ort.__version__}
 
     @property
     def cache_key(self) -> str:

@@ -6,8 +6,9 @@
   1..max_batch, so that the runtime can group a batch by branch.
 * **Precision.** ``fp32`` (TF32 off, so that engines match the reference), ``fp16`` (the builder
   flag where this TensorRT has it, otherwise a float16 copy of the graph built as a strongly typed
-  network), ``int8`` only for pieces that carry explicit Q/DQ nodes (TensorRT 11 has no implicit
-  calibration; pieces without Q/DQ are built in fp32).
+  network), ``int8`` for the bundle's int8 forms (``adaedge calibrate int8``: explicit Q/DQ,
+  symmetric int8, built as INT8) or pieces that carry Q/DQ nodes (TensorRT 11 has no implicit
+  calibration; pieces without Q/DQ, such as gates kept in float, are built in fp32).
 * **Cache.** ``engines/tensorrt/index.json`` records each engine's key: the piece's ONNX hash,
   the TensorRT version, the GPU's name and compute capability, the precision, the batch profile,
   the plugin library's hash and adaedge's version. An engine whose key differs from this
@@ -161,8 +162,9 @@ class TensorRTBackend(Backend):
     summary: ClassVar[str] = ("TensorRT on NVIDIA GPUs and Jetson (needs TensorRT, and cuda-python, "
                               "Polygraphy or PyCUDA)")
     options: ClassVar[Tuple[BackendOption, ...]] = (
-        BackendOption("precision", "engine precision (default fp32; int8 applies to pieces that "
-                                   "carry Q/DQ nodes, the others build in fp32)",
+        BackendOption("precision", "engine precision (default fp32; int8 builds the bundle's "
+                                   "int8 forms from 'adaedge calibrate int8', or pieces that "
+                                   "carry Q/DQ nodes, the others in fp32)",
                       choices=PRECISIONS),
         BackendOption("max_batch", "largest batch the engines take (default 1: static shapes; "
                                    "more builds a batch profile, so that batches dispatch by "
@@ -236,6 +238,21 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         self.driver.synchronize()
         self.driver.close()
+
+    def bundle_for(self, bundle: Bundle) -> Bundle:
+        """int8: the bundle's int8 forms (explicit Q/DQ) where it has them; a bundle without
+        them builds its own pieces (those that carry Q/DQ as INT8, the others in fp32)."""
+        forms = bundle.base.manifest.int8
+        if self.precision == "int8" and forms is not None:
+            if forms.calibration.get("target") != "tensorrt":
+                raise BundleError(
+                    f"the int8 forms of {bundle.root} were written for "
+                    f"{forms.calibration.get('target') or 'another backend'} (activations "
+                    f"{forms.calibration.get('activations', '?')}); TensorRT's explicit INT8 "
+                    "takes symmetric int8 activations: write them with 'adaedge calibrate int8 "
+                    f"{bundle.root} --for tensorrt --data ...'")
+            return bundle.with_precision("int8")
+        return bundle.with_precision("fp32")
 
     def key(self, bundle: Bundle, piece: str) -> Dict[str, Any]:
         return engine_key(bundle.manifest.pieces[piece].sha256, self.version, self.device,

@@ -1,0 +1,111 @@
+"""VA-RED² R(2+1)D-18 in int8 (explicit Q/DQ) against float, on ONNX Runtime's CPU, in one process.
+
+    python benchmarks/bench_int8.py [--threads 1] [--batch 1] [--reps 10] [--workdir DIR] [--json]
+
+Exports R(2+1)D-18 (random weights, seed 0, every gate choosing the full branch, as
+``bench_vared.py``) at 8x112x112, writes its int8 forms with ``calibrate_int8`` (on
+``--calib-clips`` random clips; a branch no clip chose is calibrated on clips forced through it),
+then times, interleaved in one process on the same clips:
+
+* ``fp32-static``: the float static network (every gate forced to the full branch);
+* ``int8-static``: the int8 static network, the reference of the int8 realisations;
+* ``int8-all-half``, ``int8-all-stride2``, ``int8-cheapest``: the int8 pieces under those policies;
+* ``int8-free``: int8 gates run (and choose full).
+
+It prints the table (realisation against ``int8-static``), the int8 static network's speed-up
+over the float one, and the targets. Weights and calibration data do not change the timing of a
+forced policy (they only set the scales); random clips are used so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaedge import models, runtime
+from adaedge.bench import Config, print_report, random_clips, run_configs
+from adaedge.bundle import load as load_bundle
+from adaedge.calibration.int8 import calibrate_int8
+from adaedge.export import export
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vared import gates_always_full  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--calib-clips", type=int, default=8, help="calibration clips (default 8)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the bundle here")
+    p.add_argument("--for", dest="target", choices=["onnxruntime", "tensorrt"],
+                   default="onnxruntime", help="the int8 forms' activations: onnxruntime "
+                   "(uint8, asymmetric; default) or tensorrt (int8, symmetric)")
+    p.add_argument("--path", choices=["auto", "pieces", "compiled"], default="auto",
+                   help="auto: batch 1 runs the compiled program, batches the pieces")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="adaedge-int8-bench-"))
+    out = work / "dynamic"
+    t0 = time.perf_counter()
+    if not (out / "manifest.json").is_file():
+        torch.manual_seed(0)
+        model = models.create("vared_r2plus1d_18", num_classes=400, frames=args.frames,
+                              size=args.size).eval()
+        gates_always_full(model)
+        export(model, out, execution="dynamic", weights={"source": "random", "seed": 0})
+    float_rt = runtime.load(out, threads=args.threads) if args.threads else runtime.load(out)
+    forms = load_bundle(out).manifest.int8
+    if forms is None or forms.calibration.get("target") != args.target:
+        calib = np.random.default_rng(1).standard_normal(
+            [args.calib_clips] + float_rt.manifest.full_clip_shape).astype(np.float32)
+        calibrate_int8(out, calib, data=f"{args.calib_clips} random clips, seed 1",
+                       min_clips=args.calib_clips, target=args.target)
+    print(f"bundle exported and calibrated in {time.perf_counter() - t0:.1f}s under {work}",
+          file=sys.stderr)
+    options = {"threads": args.threads} if args.threads else {}
+    float_rt = runtime.load(out, path=args.path, **options)
+    int8_rt = runtime.load(out, path=args.path, precision="int8", **options)
+    configs = [Config("fp32-static", float_rt, "static"),
+               Config("int8-static", int8_rt, "static"),
+               Config("int8-all-half", int8_rt, "all-half"),
+               Config("int8-all-stride2", int8_rt, "all-stride2"),
+               Config("int8-cheapest", int8_rt, "cheapest"),
+               Config("int8-free", int8_rt, None)]
+    clips = random_clips(float_rt, args.batch, seed=0)
+    report = run_configs(configs, clips, reps=args.reps, warmup=args.warmup,
+                         reference="int8-static")
+    report.meta["threads"] = float_rt.backend.threads  # type: ignore[attr-defined]
+    report.meta["model"] = (f"vared_r2plus1d_18 {args.frames}x{args.size}x{args.size}, int8 "
+                            f"forms for {args.target}")
+    fp, q = report.get("fp32-static"), report.get("int8-static")
+    summary = {"int8_speedup_static": fp.median_ms / q.median_ms,
+               "int8_gate_overhead": report.get("int8-free").median_ms / q.median_ms - 1.0}
+    for pol in ("all-half", "all-stride2", "cheapest"):
+        summary[f"int8_realization:{pol}"] = report.get(f"int8-{pol}").realization
+    print_report(report, summary, args.json)
+    if args.json:
+        return 0
+    print(f"int8 static is {summary['int8_speedup_static']:.2f}x faster than fp32 static "
+          f"(target: 2.5x at one thread, 2x at two)")
+    print("realisation within int8 (against int8-static; target 0.85): " + ", ".join(
+        f"{pol} {summary[f'int8_realization:{pol}']:.2f}"
+        for pol in ("all-half", "all-stride2", "cheapest")))
+    print(f"int8 free gates (choosing full) vs int8 static: "
+          f"{summary['int8_gate_overhead'] * 100:+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

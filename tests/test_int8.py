@@ -1,0 +1,334 @@
+"""INT8 forms through explicit Q/DQ: calibrated per branch, verified against float, run as a
+second precision of the same bundle, and refused with a clear line when wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from adaedge import bundle as bundle_mod
+from adaedge import runtime
+from adaedge.bundle import BundleError
+from adaedge.calibration import int8 as int8_mod
+from adaedge.calibration.exits import calibrate_exits, load_data
+from adaedge.calibration.int8 import PIECE_RTOL, calibrate_int8, verify_int8
+from adaedge.cli import main
+from adaedge.errors import CalibrationError, UsageError
+from adaedge.export import export
+
+from .conftest import varied_clips
+
+MIN_CLIPS = 6
+NETWORK_RTOL = 0.1      # relative L2 of the trained demo model's scores, any branch forced
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "b"
+    shutil.copytree(tiny_bundle, out)
+    x = varied_clips(24, seed=3).numpy()
+    report = calibrate_int8(out, x, data="varied test clips", min_clips=MIN_CLIPS)
+    return out, report, x
+
+
+def test_each_branch_piece_is_calibrated_on_the_clips_its_gate_chose(calibrated):
+    out, report, x = calibrated
+    m = bundle_mod.load(out).manifest
+    forms = m.int8
+    assert forms is not None and forms.pieces
+    seen = {p.piece: p for p in report.pieces}
+    split = False
+    for sw in m.switches():
+        observed = [seen[b.piece].observed for b in sw.branches]
+        # every clip passed through exactly one branch of every switch, with the gates choosing
+        assert sum(observed) == len(x), sw.name
+        split |= sum(1 for o in observed if o) > 1
+        for b in sw.branches:
+            p = seen[b.piece]
+            # a branch few clips chose is topped up with forced clips, and says so
+            assert p.observed + p.forced >= MIN_CLIPS
+            assert (p.forced > 0) == (p.observed < MIN_CLIPS)
+            if b.piece in forms.pieces:
+                assert (forms.pieces[b.piece].observed, forms.pieces[b.piece].forced) == \
+                    (p.observed, p.forced)
+    assert split, "the gates should split these clips across branches"
+    assert any(p.forced and not p.observed for p in report.pieces)
+    assert forms.calibration["clips"] == len(x) and forms.calibration["method"] == "minmax"
+    assert forms.calibration["data"] == "varied test clips"
+
+
+def _check_qdq(root, activation_dtype):
+    """Every int8 piece: Q/DQ nodes, weights int8 per channel with zero point 0, activations of
+    ``activation_dtype`` (zero point 0 where int8), the float piece's I/O."""
+    b = bundle_mod.load(root)
+    per_channel = 0
+    for name, form in b.manifest.int8.pieces.items():
+        model = onnx.load(str(root / form.file))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        ops = [n.op_type for n in model.graph.node]
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, name
+        for node in model.graph.node:
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+                continue
+            zero = inits[node.input[2]]
+            weight = node.op_type == "DequantizeLinear" and node.input[0] in inits and \
+                inits[node.input[0]].ndim > 1
+            if weight:
+                w = inits[node.input[0]]
+                assert w.dtype == np.int8 and zero.dtype == np.int8 and not zero.any(), name
+                if inits[node.input[1]].size > 1:
+                    assert inits[node.input[1]].size == w.shape[0]    # a scale per channel
+                    per_channel += 1
+            elif node.op_type == "QuantizeLinear":
+                assert zero.dtype == activation_dtype, name
+                if activation_dtype == np.int8:
+                    assert not zero.any(), f"{name}: symmetric activations have zero point 0"
+        bundle_mod.folder.check_io(model, b.manifest.pieces[name], name)
+    assert per_channel > 0
+
+
+def test_int8_pieces_carry_qdq_with_per_channel_weights(calibrated):
+    out, _, _ = calibrated
+    _check_qdq(out, np.uint8)
+    assert bundle_mod.load(out).manifest.int8.calibration["target"] == "onnxruntime"
+
+
+def test_forms_for_tensorrt_are_symmetric_int8_and_only_they_build_there(calibrated,
+                                                                        tiny_bundle, tmp_path):
+    from adaedge.runtime.backends.tensorrt import TensorRTBackend
+    out = tmp_path / "trt"
+    shutil.copytree(tiny_bundle, out)
+    x = varied_clips(8, seed=3).numpy()
+    calibrate_int8(out, x, min_clips=2, target="tensorrt")
+    _check_qdq(out, np.int8)
+    q = runtime.load(out, precision="int8")       # onnxruntime runs them as well
+    assert 0 < _rel_l2(q.classify(x).scores, runtime.load(out).classify(x).scores) <= PIECE_RTOL
+    trt = TensorRTBackend.__new__(TensorRTBackend)   # no TensorRT here: the selection alone
+    trt.precision = "int8"
+    assert trt.bundle_for(bundle_mod.load(out)).precision == "int8"
+    with pytest.raises(BundleError, match="were written for onnxruntime.*--for tensorrt"):
+        trt.bundle_for(bundle_mod.load(calibrated[0]))
+    trt.precision = "fp16"
+    assert trt.bundle_for(bundle_mod.load(out)).precision == "fp32"
+
+
+@pytest.fixture(scope="module")
+def demo_int8(tmp_path_factory):
+    """The shipped demo checkpoint exported, with int8 forms calibrated as 'adaedge demo
+    --precision int8' does on first use (the 64 shipped clips of the camera data set's val split)."""
+    from adaedge import models
+    from adaedge.demo import DEMO_CHECKPOINT, calibrate_demo
+    out = tmp_path_factory.mktemp("demo") / "b"
+    model = models.load_model(DEMO_CHECKPOINT)
+    _, meta = models.read_checkpoint(DEMO_CHECKPOINT)
+    export(model, out, labels=meta.get("labels"), weights={"source": "test"})
+    calibrate_demo(out, DEMO_CHECKPOINT.with_suffix(".calib.npz"), log=lambda s: None)
+    return out
+
+
+def test_every_branch_forced_in_turn_runs_in_int8(calibrated):
+    """On the tiny network (random weights and batch-norm statistics) every branch forced runs
+    its int8 form: the scores differ from float's (the int8 pieces ran), and are finite."""
+    out, _, x = calibrated
+    fp = runtime.load(out)
+    q = runtime.load(out, precision="int8")
+    assert q.bundle.precision == "int8"
+    for force in [None] + sorted(fp.policies) + list(range(4)):
+        a = q.classify(x[:6], force=force).scores
+        b = fp.classify(x[:6], force=force).scores
+        assert np.isfinite(a).all() and _rel_l2(a, b) > 0, force
+
+
+def test_the_demo_model_in_int8_stays_close_to_float_with_every_branch_forced(demo_int8):
+    fp = runtime.load(demo_int8)
+    q = runtime.load(demo_int8, precision="int8")
+    x, _ = load_data("camera:test:48", fp)
+    for force in [None] + sorted(fp.policies) + list(range(4)):
+        a = q.classify(x, force=force).scores
+        b = fp.classify(x, force=force).scores
+        err = _rel_l2(a, b)
+        assert 0 < err <= NETWORK_RTOL, (force, err)     # really int8, and within the bound
+        assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9, force
+    # one clip runs as the compiled program: the same int8 scores as piece by piece
+    for force in ("static", "cheapest", None):
+        a = runtime.load(demo_int8, precision="int8", path="compiled").classify(x[:1], force=force)
+        b = runtime.load(demo_int8, precision="int8", path="pieces").classify(x[:1], force=force)
+        assert _rel_l2(a.scores, b.scores) <= 1e-3, force
+
+
+def test_verify_int8_on_the_demo_model_states_its_thresholds_and_passes(demo_int8):
+    fp = runtime.load(demo_int8)
+    x, y = load_data("camera:test:96", fp)
+    report = verify_int8(demo_int8, x, y, data="camera:test:96")
+    assert report.ok, report.text()
+    assert {g["switch"] for g in report.gates} == {s.name for s in fp.manifest.switches()}
+    assert all(p["rel_error"] <= PIECE_RTOL for p in report.pieces)
+    assert all(p["rel_error"] > 0 for p in report.pieces if not p["piece"].endswith(".gate"))
+    q_labels = runtime.load(demo_int8, precision="int8").classify(x).labels
+    assert report.top1["int8"] == pytest.approx(float((q_labels == y).mean()), abs=1e-4)
+    assert report.top1["float"] == pytest.approx(float((fp.classify(x).labels == y).mean()),
+                                                 abs=1e-4)
+    text = report.text()
+    assert "thresholds" in text and text.endswith("verified")
+    # the manifest says where the scales came from
+    forms = bundle_mod.load(demo_int8).manifest.int8
+    assert "vared_r2plus1d_camera.calib.npz" in forms.calibration["data"]
+    assert forms.calibration["clips"] == 64
+
+
+def test_verify_int8_exits_nonzero_past_its_threshold(calibrated, capsys):
+    out, _, _ = calibrated
+    code = main(["verify", str(out), "--precision", "int8", "--clips", "4", "--rtol", "1e-9",
+                 "-q"])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAIL piece" in text and "MISMATCH" in text
+    assert "give --data for real clips and top-1" in text
+
+
+def test_gates_that_disagree_stay_in_float(tiny_bundle, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    monkeypatch.setattr(int8_mod, "GATE_AGREEMENT", 1.01)    # no gate can agree that often
+    report = calibrate_int8(out, varied_clips(12, seed=3).numpy(), min_clips=4)
+    b = bundle_mod.load(out)
+    gates = int8_mod.gate_pieces(b)
+    assert gates
+    for piece in gates:
+        assert piece not in b.manifest.int8.pieces
+        assert "decisions agree with float on" in b.manifest.int8.kept_float[piece]
+    row = next(p for p in report.pieces if p.piece in gates)
+    assert row.precision == "float" and row.agreement is not None
+    # the int8 view runs the float gate's own file
+    q = b.with_precision("int8")
+    piece = next(iter(gates))
+    assert q.manifest.pieces[piece].file == b.manifest.pieces[piece].file
+
+
+def test_keep_float_and_recalibration_remove_old_forms(tiny_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    x = varied_clips(8, seed=3).numpy()
+    calibrate_int8(out, x, min_clips=2)
+    forms = bundle_mod.load(out).manifest.int8
+    assert "head" in forms.pieces and (out / forms.pieces["head"].file).is_file()
+    head_file = out / forms.pieces["head"].file
+    calibrate_int8(out, x, keep_float=["head"], min_clips=2)
+    forms = bundle_mod.load(out).manifest.int8
+    assert "head" not in forms.pieces and "as asked" in forms.kept_float["head"]
+    assert not head_file.exists()
+    with pytest.raises(CalibrationError, match="--keep-float names 'nope', not pieces"):
+        calibrate_int8(out, x, keep_float=["nope"])
+    with pytest.raises(CalibrationError, match="method must be one of"):
+        calibrate_int8(out, x, method="magic")
+    with pytest.raises(CalibrationError, match="calibration clips of shape"):
+        calibrate_int8(out, x[:, :, :2])
+
+
+def test_bad_int8_sections_and_files_are_refused(calibrated, tiny_bundle, tmp_path):
+    out, _, _ = calibrated
+    with pytest.raises(BundleError, match="has no int8 pieces; write them with 'adaedge "
+                                          "calibrate int8"):
+        runtime.load(tiny_bundle, precision="int8")
+    with pytest.raises(UsageError, match="runs precision fp32 or int8, not 'fp16'"):
+        runtime.load(out, precision="fp16")
+    for change, message in [
+            (lambda d: d["int8"]["pieces"].update(ghost=dict(next(iter(
+                d["int8"]["pieces"].values())))), "is not a piece of this bundle"),
+            (lambda d: next(iter(d["int8"]["pieces"].values())).update(file="x.txt"),
+             "is not an .onnx file"),
+            (lambda d: next(iter(d["int8"]["pieces"].values())).update(observed=-1),
+             "must not be negative"),
+            (lambda d: d["int8"].update(thresholds={"nowhere": {}}), "not an exit step"),
+            (lambda d: d.update(int8=[]), "int8 must be an object")]:
+        dst = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, dst)
+        path = dst / "manifest.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(BundleError, match=message):
+            bundle_mod.load(dst)
+    # a tampered int8 file is named at load, and the float pieces still run
+    dst = tmp_path / "tampered"
+    shutil.copytree(out, dst)
+    form = next(iter(bundle_mod.load(dst).manifest.int8.pieces.values()))
+    Path(dst / form.file).write_bytes(b"not the calibrated piece")
+    with pytest.raises(BundleError, match="is corrupt: SHA-256"):
+        runtime.load(dst, precision="int8", path="pieces")
+    runtime.load(dst, path="pieces")
+
+
+def test_export_overwrite_replaces_the_int8_forms(calibrated, tiny, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(calibrated[0], out)
+    (out / "notes.txt").write_text("mine")
+    export(tiny, out, weights={"source": "test"}, overwrite=True)
+    assert not (out / "graphs" / "int8").exists()
+    assert bundle_mod.load(out).manifest.int8 is None
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_calibrate_build_bench_and_info_at_int8(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    data = tmp_path / "calib.npz"
+    x = varied_clips(12, seed=3).numpy()
+    np.savez(data, clips=x, labels=np.zeros(len(x), np.int64))
+    assert main(["calibrate", "int8", str(out), "--data", str(data), "--clips", "10",
+                 "--min-clips", "3", "--json", "-q"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["clips"] == 10 and rep["method"] == "minmax"
+    assert {p["precision"] for p in rep["pieces"]} <= {"int8", "float"}
+    assert main(["build", str(out), "--precision", "int8", "-q"]) == 0
+    assert any(p.name.endswith("-int8") for p in (out / "engines").iterdir())
+    assert main(["bench", str(out), "--precision", "int8", "--reps", "1", "--warmup", "0",
+                 "--json", "-q"]) == 0
+    bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bench["meta"]["device"]["precision"] == "int8"
+    assert main(["bench", str(out), "--backend", "torch-cpu", "--precision", "int8", "-q"]) == 2
+    assert "--precision does not apply to the torch-cpu backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "int8", str(out), "--data", str(data), "--method", "magic"])
+
+
+def test_exit_thresholds_are_solved_again_for_the_int8_forms(tmp_path):
+    from .test_adafocus import tiny_focus
+    out = tmp_path / "f"
+    export(tiny_focus(seed=1), out, weights={"source": "test"})
+    rt = runtime.load(out)
+    x, y = load_data("motion:val:60", rt)
+    glance = rt.manifest.pieces["glance"].flops / 1e9
+    full = rt.manifest.policy_flops("static") / 1e9
+    budgets = [glance + 0.4 * (full - glance), glance + 0.8 * (full - glance)]
+    calibrate_exits(out, x, y, budgets, default=budgets[0])
+    with pytest.raises(CalibrationError, match="give labelled calibration data"):
+        calibrate_int8(out, x)
+    report = calibrate_int8(out, x, y, min_clips=4)
+    assert report.exits is not None
+    m = bundle_mod.load(out).manifest
+    for step in m.exits():
+        assert set(m.int8.thresholds[step.name]) == set(step.thresholds)   # default included
+    q = runtime.load(out, precision="int8")
+    assert [s.thresholds for s in q.manifest.exits()] == \
+        [m.int8.thresholds[s.name] for s in m.exits()]
+    for budget in budgets:
+        r = q.classify(x[:8], budget=budget)
+        assert len(r.traces) == 8
+    # a float-only budget added later names the int8 calibration it lacks
+    calibrate_exits(out, x, y, [full])
+    q = runtime.load(out, precision="int8")
+    with pytest.raises(Exception, match="calibrate exits --precision int8"):
+        q.classify(x[:2], budget=full)
+    calibrate_exits(out, x, y, [full], precision="int8")
+    q = runtime.load(out, precision="int8")
+    q.classify(x[:2], budget=full)
