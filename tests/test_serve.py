@@ -173,6 +173,27 @@ def test_without_pytriton_serving_says_which_extra(monkeypatch, capsys, tiny_bun
     assert err.count("\n") == 0 and "pip install 'adaedge[serve]'" in err
 
 
+def test_a_python_whose_libpython_the_stub_would_not_load_is_refused(monkeypatch):
+    """Triton's Python stub must load this interpreter's own libpython (the cause of the
+    '_recursion_count' failure with pyenv's 3.11.7 and Debian's 3.11.2 library): it is put first
+    on LD_LIBRARY_PATH, and where the stub would still load another, or there is none, serving
+    is refused in one line."""
+    from adaedge.serve import environment as env
+    monkeypatch.setattr(env, "require", lambda *a: None)
+    monkeypatch.setattr(env, "_stub", lambda: Path("/nowhere/stub"))
+    monkeypatch.setattr(env, "own_libpython", lambda: None)
+    with pytest.raises(ServeUnavailable, match="no shared libpython"):
+        env.serving_environment()
+    ours = Path("/opt/py/lib/libpython3.11.so.1.0")
+    monkeypatch.setattr(env, "own_libpython", lambda: ours)
+    monkeypatch.setattr(env, "_resolved_libpython", lambda stub, e: "/usr/lib/libpython3.11.so.1.0")
+    with pytest.raises(ServeUnavailable, match="would load /usr/lib/libpython3.11.so.1.0"):
+        env.serving_environment()
+    monkeypatch.setattr(env, "_resolved_libpython", lambda stub, e: str(ours))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/x:/opt/py/lib")
+    assert env.serving_environment()["LD_LIBRARY_PATH"] == "/opt/py/lib:/x"
+
+
 def test_bad_options_are_one_line_errors(capsys, tiny_bundle):
     from adaedge.cli import main
     assert main(["serve", str(tiny_bundle), "--queue-timeout-ms", "0"]) == 2
