@@ -72,6 +72,16 @@ class ServedModel:
         self._busy: set = set()
         self._free = threading.Condition()
 
+    def warm_up(self) -> None:
+        """Run every runtime once on one clip and on two, under the served policy: the first
+        call compiles the program (one clip) or warms the pieces (a batch), which must not be a
+        request's wait."""
+        c, t, h, w = self.manifest.clip_shape
+        for rt in self.runtimes:
+            for n in (1, 2):
+                rt.classify(np.zeros((n, c, t, h, w), np.float32), force=self.policy,
+                            budget=self.budget)
+
     # -- what Triton is told ----------------------------------------------------------------
     def inputs(self) -> List[TensorSpec]:
         c, t, h, w = self.manifest.clip_shape

@@ -147,7 +147,8 @@ class Server:
 
     # -- life -------------------------------------------------------------------------------
     def load(self) -> List[ServedModel]:
-        """Load every bundle (a runtime per instance); raises on the first that fails."""
+        """Load every bundle (a runtime per instance) and run each once; raises on the first
+        that fails."""
         cfg = self.config
         names: Dict[str, str] = {}
         models = []
@@ -164,7 +165,9 @@ class Server:
             runtimes = [load_runtime(bundle, cfg.backend, **cfg.backend_options)
                         for _ in range(cfg.instances)]
             streams = StreamTable(cfg.stream_idle_s, cfg.max_streams)
-            models.append(ServedModel(name, runtimes, spec.policy, spec.budget, streams))
+            model = ServedModel(name, runtimes, spec.policy, spec.budget, streams)
+            model.warm_up()
+            models.append(model)
         return models
 
     def start(self) -> "Server":
