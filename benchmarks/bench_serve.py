@@ -205,6 +205,8 @@ def run_load(server: Server, model: str, protocol: str, streams: int, pool: np.n
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
             "mean_batch": round(clips / calls, 2) if calls else None,
+            "runtime_ms_per_clip": round(1e3 * (after["runtime_s"] - before["runtime_s"]) / clips,
+                                         2) if clips else None,
             "gflops_per_clip": round((after["gflops"] - before["gflops"]) / clips, 5)
             if clips else None,
             "refusals": sorted({r.split("] ")[-1] for c in cams for r in c.refused}),
@@ -300,7 +302,8 @@ def _row(r: Dict[str, Any]) -> str:
             f"{r['offered_clips_per_s']:6.1f} clips/s, served {r['served_clips_per_s']:6.1f}, "
             f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, refused {r['refused']}/{r['sent']} "
             f"({100 * r['refused_share']:.1f}%), late {r['late_skipped']}, wrong {r['wrong']}, "
-            f"lost {r['lost']}, mean batch {r['mean_batch']}")
+            f"lost {r['lost']}, mean batch {r['mean_batch']}, in the runtime "
+            f"{r['runtime_ms_per_clip']} ms per clip")
 
 
 def summary(report: Dict[str, Any]) -> str:
@@ -321,6 +324,23 @@ def summary(report: Dict[str, Any]) -> str:
                      f"{r['streams']} streams (mean batch {r['mean_batch']}), in process "
                      f"{ref['clips_per_s']} at batch {b}: served/in-process "
                      f"{r['served_clips_per_s'] / ref['clips_per_s']:.2f}")
+    if "m_static" in {m for m, _ in best}:
+        lines.append("time per clip against the static network (1 / clips per second), "
+                     "saturated:")
+        ref_static = next(x for x in report["in_process"]
+                          if x["model"] == "m_static" and x["batch"] == report["meta"]["max_batch"])
+        for (model, protocol), r in best.items():
+            if model == "m_static":
+                continue
+            st = best[("m_static", protocol)]
+            ref = next(x for x in report["in_process"]
+                       if x["model"] == model and x["batch"] == report["meta"]["max_batch"])
+            lines.append(f"  {model:<12} {protocol:<5} served "
+                         f"{st['served_clips_per_s'] / r['served_clips_per_s']:.2f}, inside the "
+                         f"server's runtime {r['runtime_ms_per_clip'] / st['runtime_ms_per_clip']:.2f}"
+                         f", in process at batch {report['meta']['max_batch']} "
+                         f"{ref_static['clips_per_s'] / ref['clips_per_s']:.2f}; GFLOPs per clip "
+                         f"{r['gflops_per_clip']} against {st['gflops_per_clip']}")
     return "\n".join(lines)
 
 

@@ -35,11 +35,14 @@ class ModelMetrics:
         self.branches: Counter = Counter()      # (switch, branch) -> clips
         self.exits: Counter = Counter()         # exit name ("" = none) -> clips
         self.streams = 0
+        self.seconds = 0.0                      # wall time inside the runtime's calls
 
-    def record(self, traces: Sequence[Any], frames: int = 1, streams: int = 0) -> None:
+    def record(self, traces: Sequence[Any], frames: int = 1, streams: int = 0,
+               seconds: float = 0.0) -> None:
         with self._lock:
             n = len(traces)
             self.calls += 1
+            self.seconds += seconds
             self.clips += n
             self.batch_sum += n
             for bound in BATCH_BUCKETS:
@@ -58,6 +61,7 @@ class ModelMetrics:
         """The counters as plain values (for tests and the CLI's summary)."""
         with self._lock:
             return {"clips": self.clips, "calls": self.calls, "gflops": self.flops / 1e9,
+                    "runtime_s": self.seconds,
                     "gflops_saved": ((self.static_total - self.flops) / 1e9
                                      if self.static_flops is not None else None),
                     "batch_sizes": {b: self.batch_hist[b] for b in BATCH_BUCKETS},
@@ -70,6 +74,7 @@ class ModelMetrics:
         with self._lock:
             rows = [("adaedge_clips_total", m, self.clips),
                     ("adaedge_runtime_calls_total", m, self.calls),
+                    ("adaedge_runtime_seconds_total", m, self.seconds),
                     ("adaedge_gflops_total", m, self.flops / 1e9),
                     ("adaedge_streams_active", m, self.streams)]
             if self.static_flops is not None:
@@ -93,6 +98,7 @@ class ModelMetrics:
 HELP = {
     "adaedge_clips_total": ("counter", "clips classified"),
     "adaedge_runtime_calls_total": ("counter", "runtime calls (one per batch, per stream wave)"),
+    "adaedge_runtime_seconds_total": ("counter", "wall time inside the runtime's calls"),
     "adaedge_gflops_total": ("counter", "GFLOPs spent"),
     "adaedge_streams_active": ("gauge", "streams whose state the server holds"),
     "adaedge_gflops_static_total": ("counter", "GFLOPs the static network would have spent"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -193,7 +194,9 @@ class ServedModel:
                     have = None if st is None else st.state.get(spec.name)
                     parts.append(have if have is not None else runtime.ops.to_host(fresh[spec.name]))
                 state[spec.name] = np.concatenate(parts)
+        t0 = time.perf_counter()
         result: Result = runtime.classify(x, force=self.policy, budget=self.budget, state=state)
+        seconds = time.perf_counter() - t0
         with table.lock:
             for i, ((_req, _clip, sid, _start, end), st) in enumerate(zip(rows, opened)):
                 if st is None:
@@ -205,7 +208,7 @@ class ServedModel:
                 if end:
                     table.close(sid)
         frames = x.shape[2] if self.window is not None else 1
-        self.metrics.record(result.traces, frames, len(table))
+        self.metrics.record(result.traces, frames, len(table), seconds)
         out = []
         labels = result.labels
         for i, trace in enumerate(result.traces):
