@@ -70,6 +70,20 @@ def in_process(rt: runtime.Runtime, pool: np.ndarray, policy: Optional[str], bat
     return done / (time.perf_counter() - t0)
 
 
+def in_process_paced(rt: runtime.Runtime, pool: np.ndarray, policy: Optional[str],
+                     clips_per_s: float, n: int = 12) -> float:
+    """Median ms of ``classify`` on one clip called at a camera's rate (idle between calls, as
+    a lightly loaded server is), in this process."""
+    rt.classify(pool[:1], force=policy)
+    times = []
+    for i in range(n):
+        time.sleep(1.0 / clips_per_s)
+        t0 = time.perf_counter()
+        rt.classify(pool[i % len(pool):i % len(pool) + 1], force=policy)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
 class Camera(threading.Thread):
     def __init__(self, index: int, server: Server, protocol: str, model: str, pool: np.ndarray,
                  want: np.ndarray, period: float, t0: float, deadline: float,
@@ -280,6 +294,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for b in batches:
             reference.append({"model": model, "batch": b,
                               "clips_per_s": round(in_process(rt, pool, policy, b), 2)})
+        reference.append({"model": model, "batch": 1, "paced_clips_per_s": args.clips_per_s,
+                          "median_ms": round(in_process_paced(rt, pool, policy,
+                                                              args.clips_per_s), 2)})
     report = {"meta": meta, "runs": runs, "in_process": reference}
     if args.json:
         print(json.dumps(report))
@@ -307,9 +324,14 @@ def _row(r: Dict[str, Any]) -> str:
 
 
 def summary(report: Dict[str, Any]) -> str:
-    lines = ["", "in-process classify (clips/s) at the batch sizes served:"]
+    lines = ["", "in-process classify (clips/s) at the batch sizes served, and one clip at a "
+             "camera's rate (median ms):"]
     for ref in report["in_process"]:
-        lines.append(f"  {ref['model']:<12} batch {ref['batch']:>2}: {ref['clips_per_s']}")
+        if "median_ms" in ref:
+            lines.append(f"  {ref['model']:<12} batch  1, one call every "
+                         f"{1 / ref['paced_clips_per_s']:.2f} s: {ref['median_ms']} ms")
+        else:
+            lines.append(f"  {ref['model']:<12} batch {ref['batch']:>2}: {ref['clips_per_s']}")
     lines.append("saturated serving (the run with the most clips served per model and protocol) "
                  "against classify at its mean batch:")
     best: Dict[Any, Dict[str, Any]] = {}
@@ -319,7 +341,8 @@ def summary(report: Dict[str, Any]) -> str:
             best[key] = r
     for (model, protocol), r in best.items():
         b = max(1, int(round(r["mean_batch"] or 1)))
-        ref = next(x for x in report["in_process"] if x["model"] == model and x["batch"] == b)
+        ref = next(x for x in report["in_process"] if x["model"] == model and x["batch"] == b
+                   and "clips_per_s" in x)
         lines.append(f"  {model:<12} {protocol:<5} served {r['served_clips_per_s']} clips/s at "
                      f"{r['streams']} streams (mean batch {r['mean_batch']}), in process "
                      f"{ref['clips_per_s']} at batch {b}: served/in-process "
@@ -327,14 +350,14 @@ def summary(report: Dict[str, Any]) -> str:
     if "m_static" in {m for m, _ in best}:
         lines.append("time per clip against the static network (1 / clips per second), "
                      "saturated:")
-        ref_static = next(x for x in report["in_process"]
-                          if x["model"] == "m_static" and x["batch"] == report["meta"]["max_batch"])
+        ref_static = next(x for x in report["in_process"] if x["model"] == "m_static"
+                          and x["batch"] == report["meta"]["max_batch"] and "clips_per_s" in x)
         for (model, protocol), r in best.items():
             if model == "m_static":
                 continue
             st = best[("m_static", protocol)]
-            ref = next(x for x in report["in_process"]
-                       if x["model"] == model and x["batch"] == report["meta"]["max_batch"])
+            ref = next(x for x in report["in_process"] if x["model"] == model
+                       and x["batch"] == report["meta"]["max_batch"] and "clips_per_s" in x)
             lines.append(f"  {model:<12} {protocol:<5} served "
                          f"{st['served_clips_per_s'] / r['served_clips_per_s']:.2f}, inside the "
                          f"server's runtime {r['runtime_ms_per_clip'] / st['runtime_ms_per_clip']:.2f}"
