@@ -304,10 +304,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     instances=args.instances, max_batch=max_batch,
                     max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
                     queue_timeout_ms=args.queue_timeout_ms, stream_idle_s=args.stream_idle_s,
-                    log_verbose=args.log_verbose)
+                    log_verbose=args.log_verbose, log_file=args.log_file)
     server.start()
+
+    def terminate(signum: int, frame: Any) -> None:     # SIGTERM (an orchestrator) as Ctrl-C
+        raise KeyboardInterrupt
+
+    import signal
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        info: Dict[str, Any] = {"http": server.http_url, "grpc": server.grpc_url,
+        info: Dict[str, Any] = {"log": str(server.log_file), "http": server.http_url, "grpc": server.grpc_url,
                 "metrics": server.metrics_url, "adaedge_metrics": server.adaedge_metrics_url,
                 "models": [{"name": m.name, "bundle": str(s.bundle), "policy": s.policy,
                             "instances": len(m.runtimes), "stateful": m.stateful}
@@ -322,8 +328,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       + f", {m['instances']} instance(s)", flush=True)
             print(f"ready: HTTP {info['http']}, gRPC {info['grpc']}, Triton metrics "
                   f"{info['metrics']}, adaedge metrics {info['adaedge_metrics']} "
-                  "(Ctrl-C stops)", flush=True)
+                  f"(Ctrl-C stops); Triton's log: {info['log']}", flush=True)
         server.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         server.stop()
     return 0
@@ -550,10 +558,12 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                                      "network) instead of the gates' choice")
     sp.add_argument("--budget", help="serve with the exit thresholds stored under this budget")
     sp.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity")
+    sp.add_argument("--log-file", help="Triton's log (default: a new file in the temporary "
+                                       "folder, named when ready)")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true",
-                    help='when ready, print {"http", "grpc", "metrics", "adaedge_metrics", '
-                         '"models": [...]} as one line')
+                    help='when ready, print {"log", "http", "grpc", "metrics", '
+                         '"adaedge_metrics", "models": [...]} as one line')
 
     sp = sub.add_parser("train", help="train a small model: the VA-RED² demo model on what a "
                         "camera does, from real images (default), or '--model adafocus_v3' (see "

@@ -348,6 +348,36 @@ def test_overload_is_refused_with_tritons_error_never_dropped(tiny_bundle):
                for r in refused), refused[:3]
 
 
+@needs_server
+def test_the_command_serves_until_interrupted(tiny_bundle, tmp_path):
+    """`adaedge serve --json` prints its endpoints when ready, answers, and stops on SIGTERM
+    (what an orchestrator sends; Ctrl-C's SIGINT takes the same path)."""
+    import signal
+    import subprocess
+    import tritonclient.http as http
+    port = free_port(count=4)
+    proc = subprocess.Popen([sys.executable, "-m", "adaedge", "serve", f"tiny={tiny_bundle}",
+                             "--port", str(port), "--json", "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()          # printed once ready
+        info = json.loads(line)
+        assert info["http"] == f"127.0.0.1:{port}" and info["models"][0]["name"] == "tiny"
+        client = http.InferenceServerClient(info["http"])
+        assert client.is_server_ready()
+        x = varied_clips(2).numpy()
+        out = _infer(client, http, "tiny", x)
+        assert close(out["scores"], load(tiny_bundle).classify(x).scores) < RTOL
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _client(server: Server, protocol: str) -> Tuple[Any, Any]:
     if protocol == "http":
         import tritonclient.http as http

@@ -17,14 +17,15 @@ import logging
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..bundle import load as load_bundle
-from ..errors import UsageError
+from ..errors import AdaedgeError, UsageError
 from ..runtime import load as load_runtime
-from .environment import serving_environment
+from .environment import ServeUnavailable, serving_environment
 from .metrics import MetricsServer, render
 from .model import ServedModel
 from .streams import StreamTable
@@ -69,6 +70,7 @@ class ServeConfig:
     stream_idle_s: float = 60.0
     max_streams: int = 1024
     log_verbose: int = 0
+    log_file: Optional[str] = None             # Triton's log (default: a new temporary file)
 
     def check(self) -> None:
         for key in ("instances", "max_batch", "max_queue", "max_streams"):
@@ -125,6 +127,7 @@ class Server:
         if not self.specs:
             raise UsageError("give at least one bundle to serve")
         self.models: List[ServedModel] = []
+        self.log_file: Optional[Path] = None
         self._triton: Any = None
         self._metrics: Optional[MetricsServer] = None
 
@@ -181,6 +184,10 @@ class Server:
         for name in ("pytriton", "pytriton.server", "pytriton.client", "pytriton.models"):
             logging.getLogger(name).setLevel(logging.WARNING if cfg.log_verbose == 0
                                              else logging.INFO)
+        if cfg.log_file is not None:
+            self.log_file = Path(cfg.log_file)
+        else:             # kept after the server stops, for what went wrong
+            self.log_file = Path(tempfile.mkdtemp(prefix="adaedge-serve-")) / "triton.log"
         saved = os.environ.get("LD_LIBRARY_PATH")
         os.environ["LD_LIBRARY_PATH"] = env["LD_LIBRARY_PATH"]   # PyTriton copies os.environ
         try:
@@ -188,7 +195,8 @@ class Server:
                 http_address=cfg.host, http_port=ports["http"], grpc_address=cfg.host,
                 grpc_port=ports["grpc"], metrics_address=cfg.host,
                 metrics_port=ports["metrics"], allow_metrics=True, allow_gpu_metrics=False,
-                log_verbose=cfg.log_verbose, exit_timeout_secs=5, strict_readiness=True))
+                log_verbose=cfg.log_verbose, log_file=self.log_file, exit_timeout_secs=5,
+                strict_readiness=True))
             self._triton = triton
             for model in self.models:
                 batcher = DynamicBatcher(
@@ -207,6 +215,14 @@ class Server:
                     config=ModelConfig(max_batch_size=cfg.max_batch, batcher=batcher),
                     strict=False)
             triton.run()
+        except AdaedgeError:
+            self.stop()
+            raise
+        except Exception as e:          # PyTriton's and Triton's failures to start: one line
+            self.stop()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ServeUnavailable(f"Triton Inference Server did not start: {first} (its log: "
+                                   f"{self.log_file})") from e
         except BaseException:
             self.stop()
             raise
