@@ -129,6 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bundle = args.bundle or demo_bundle()
     manifest = load_bundle(bundle).manifest
     static = manifest.policy_flops("static") / 1e9
+    titles = manifest.model.get("branch_titles") or {}       # branch names in words
     server = None
     if args.url is None:
         server = Server([ModelSpec(bundle, "cameras")], http_port=free_port(count=4)).start()
@@ -157,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  cost    {np.mean(c.flops) / 1e9:.4f} GFLOPs per clip (static network "
               f"{static:.4f}), median {np.median(c.ms):.1f} ms per request")
         total = sum(c.branches.values())
-        print("  branches " + ", ".join(f"{b} {v / total:.0%}" for b, v in c.branches.most_common()))
+        print("  branches " + ", ".join(f"{titles.get(b, b)} {v / total:.0%}"
+                                        for b, v in c.branches.most_common()))
         if set(c.exits) != {"none"}:
             print(f"  exits   {dict(c.exits)}")
     print(f"{sum(len(c.flops) for c in cams)} clips from {len(cams)} cameras in {seconds:.1f} s")
