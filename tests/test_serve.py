@@ -152,6 +152,28 @@ def test_idle_streams_are_freed_and_the_table_is_bounded():
         StreamTable(idle_timeout_s=0)
 
 
+def test_the_server_frees_idle_streams_without_traffic(tiny_bundle):
+    """The sweep the server runs frees a stream idle past the timeout though no request comes."""
+    import threading
+    import time
+    s = Server([tiny_bundle], stream_idle_s=0.2)
+    s.models = s.load()                  # the bundles, without Triton
+    table = s.models[0].streams
+    with table.lock:
+        table.open(5, start=True)
+    sweeper = threading.Thread(target=s._sweep, daemon=True)
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while 5 in table and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 5 not in table and table.expired == 1
+    finally:
+        s.stop()
+        sweeper.join(5)
+    assert not sweeper.is_alive()
+
+
 def test_metrics_render_in_prometheus_text(tiny_bundle):
     model = ServedModel("tiny", [load(tiny_bundle)])
     model.infer([request(varied_clips(3).numpy())])

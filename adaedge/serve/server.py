@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -130,6 +131,8 @@ class Server:
         self.log_file: Optional[Path] = None
         self._triton: Any = None
         self._metrics: Optional[MetricsServer] = None
+        self._sweeping = threading.Event()
+        self._sweeper: Optional[threading.Thread] = None
 
     # -- endpoints --------------------------------------------------------------------------
     @property
@@ -234,7 +237,19 @@ class Server:
         self._metrics = MetricsServer(cfg.host, ports["adaedge_metrics"],
                                       lambda: render([m.metrics for m in self.models]))
         self._metrics.start()
+        self._sweeping.clear()
+        self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="adaedge-streams")
+        self._sweeper.start()
         return self
+
+    def _sweep(self) -> None:
+        """Free idle streams even when no request comes to do it."""
+        period = min(5.0, self.config.stream_idle_s / 2)
+        while not self._sweeping.wait(period):
+            for model in self.models:
+                with model.streams.lock:
+                    model.streams.expire()
+                model.metrics.streams = len(model.streams)
 
     def wait(self) -> None:
         """Serve until interrupted (Ctrl-C) or Triton stops."""
@@ -246,6 +261,7 @@ class Server:
         return self._triton is not None and self._triton.is_alive()
 
     def stop(self) -> None:
+        self._sweeping.set()
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None

@@ -4,7 +4,8 @@ A stream bundle (AdaFuse's per-frame program) carries state from one call to the
 that serves many cameras keeps one state per camera. A client names its camera with a
 ``stream_id`` (any non-zero integer), marks the first clip with ``stream_start`` (fresh state) and
 the last with ``stream_end`` (state freed after that clip). A stream that sends nothing for
-``idle_timeout_s`` seconds is freed too, so a camera that vanished without ending its stream does
+``idle_timeout_s`` seconds is freed too (at the next batch, and by the server's sweep every few
+seconds), so a camera that vanished without ending its stream does
 not hold memory for ever. A clip of an id the table does not hold (never started, ended, or
 expired) starts a fresh stream: its ``position`` is 1, which tells the client that the state
 started again.
