@@ -9,6 +9,7 @@
     adaedge calibrate exits DIR --data ... --budget  exit thresholds under compute budgets
     adaedge demo [--source 0|PATH|URL] [--headless]  live classification of a camera or video
     adaedge train [--model NAME] --out CKPT          train a small model on synthetic motion
+    adaedge serve DIR [DIR ...] [--port 8000]        serve bundles on Triton Inference Server
 
 Backends declare their own options (:mod:`adaedge.runtime.backends`) and families theirs
 (:mod:`adaedge.models`); the parser is built from both. Families are read only for the commands
@@ -352,6 +353,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if summary.stopped_early else 0      # a damaged file: what it gave is written
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ModelSpec, Server
+    specs = [ModelSpec.parse(b, policy=args.policy, budget=args.budget) for b in args.bundles]
+    # --max-batch is Triton's batch; a backend with a batch limit (tensorrt) gets it too
+    max_batch = args.max_batch if args.max_batch is not None else 8
+    from .runtime.backends import backend_options as options_of
+    if "max_batch" not in {o.name for o in options_of(args.backend)}:
+        args.max_batch = None
+    server = Server(specs, host=args.host, http_port=args.port, grpc_port=args.grpc_port,
+                    metrics_port=args.metrics_port, adaedge_metrics_port=args.adaedge_metrics_port,
+                    backend=args.backend, backend_options=backend_options(args),
+                    instances=args.instances, max_batch=max_batch,
+                    max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
+                    queue_timeout_ms=args.queue_timeout_ms, stream_idle_s=args.stream_idle_s,
+                    log_verbose=args.log_verbose, log_file=args.log_file)
+    server.start()
+
+    def terminate(signum: int, frame: Any) -> None:     # SIGTERM (an orchestrator) as Ctrl-C
+        raise KeyboardInterrupt
+
+    import signal
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        info: Dict[str, Any] = {"log": str(server.log_file), "http": server.http_url, "grpc": server.grpc_url,
+                "metrics": server.metrics_url, "adaedge_metrics": server.adaedge_metrics_url,
+                "models": [{"name": m.name, "bundle": str(s.bundle), "policy": s.policy,
+                            "instances": len(m.runtimes), "stateful": m.stateful}
+                           for m, s in zip(server.models, specs)]}
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            for m in info["models"]:
+                print(f"model {m['name']}: {m['bundle']}"
+                      + (f", policy {m['policy']}" if m["policy"] else "")
+                      + (", streams with state" if m["stateful"] else "")
+                      + f", {m['instances']} instance(s)", flush=True)
+            print(f"ready: HTTP {info['http']}, gRPC {info['grpc']}, Triton metrics "
+                  f"{info['metrics']}, adaedge metrics {info['adaedge_metrics']} "
+                  f"(Ctrl-C stops); Triton's log: {info['log']}", flush=True)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     rest = list(args.train_args)
     name = "vared_r2plus1d_18"
@@ -585,6 +633,50 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
+    sp = add("serve", cmd_serve, "serve bundles to many clients (cameras) on NVIDIA Triton "
+             "Inference Server through PyTriton: each bundle is a model; Triton's dynamic batcher "
+             "forms the batches, the runtime groups each by branch; a response gives per clip the "
+             "scores, label, branches taken, FLOPs and exit stage; streams with state (AdaFuse) "
+             "keep one state per 'stream_id' input. Every bundle loads before Triton starts, so "
+             "the server is never ready without one; a full queue or a request waiting longer "
+             "than --queue-timeout-ms is refused with Triton's error. --max-batch (default 8) is the most "
+             "clips Triton batches into one call (and the tensorrt engines' batch) (needs the "
+             "'serve' extra)")
+    sp.add_argument("bundles", nargs="+", metavar="[NAME=]BUNDLE",
+                    help="bundle folders; each is served as the model NAME (default: the "
+                         "folder's name)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; 0.0.0.0 serves other machines)")
+    sp.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sp.add_argument("--grpc-port", type=int, help="gRPC port (default --port + 1)")
+    sp.add_argument("--metrics-port", type=int,
+                    help="Triton's Prometheus metrics (default --port + 2)")
+    sp.add_argument("--adaedge-metrics-port", type=int,
+                    help="adaedge's metrics: branches, exits, batch sizes, GFLOPs saved "
+                         "(default --port + 3)")
+    sp.add_argument("--instances", type=int, default=1,
+                    help="model instances per bundle, each with its own runtime (default 1)")
+    sp.add_argument("--max-queue-delay-ms", type=float, default=2.0,
+                    help="longest a request waits for others to batch with (default 2)")
+    sp.add_argument("--max-queue", type=int, default=64,
+                    help="requests Triton queues per model; more are refused (default 64)")
+    sp.add_argument("--queue-timeout-ms", type=float, default=1000.0,
+                    help="a request queued longer is refused (default 1000; a client may ask "
+                         "for less with Triton's per-request timeout)")
+    sp.add_argument("--stream-idle-s", type=float, default=60.0,
+                    help="a stream that sends nothing this long has its state freed "
+                         "(default 60)")
+    sp.add_argument("--policy", help="serve under this forced policy (e.g. static: the static "
+                                     "network) instead of the gates' choice")
+    sp.add_argument("--budget", help="serve with the exit thresholds stored under this budget")
+    sp.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity")
+    sp.add_argument("--log-file", help="Triton's log (default: a new file in the temporary "
+                                       "folder, named when ready)")
+    add_backend_args(sp)
+    sp.add_argument("--json", action="store_true",
+                    help='when ready, print {"log", "http", "grpc", "metrics", '
+                         '"adaedge_metrics", "models": [...]} as one line')
+
     sp = sub.add_parser("train", help="train a small model: the VA-RED² demo model on what a "
                         "camera does, from real images (default), or '--model adafocus_v3' (see "
                         "'adaedge train [--model adafocus_v3] --help'; needs the 'train' extra)",
@@ -607,7 +699,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 families = None    # the command itself says which extra is missing
         parser = build_parser(families)
         args = parser.parse_args(argv)
-        for flag in ("batch", "clips", "reps", "frame_step", "clip_stride", "max_frames"):
+        for flag in ("batch", "clips", "reps", "frame_step", "clip_stride", "max_frames",
+                     "instances", "max_batch", "max_queue"):
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 parser.error(f"--{flag.replace('_', '-')} must be at least 1")
