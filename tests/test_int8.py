@@ -166,6 +166,16 @@ def test_the_demo_model_in_int8_stays_close_to_float_with_every_branch_forced(de
         assert _rel_l2(a.scores, b.scores) <= 1e-3, force
 
 
+def test_the_demo_runs_the_int8_forms(demo_int8, tmp_path, capsys):
+    pytest.importorskip("cv2")
+    code = main(["demo", "--bundle", str(demo_int8), "--precision", "int8", "--headless",
+                 "--output", str(tmp_path / "d.mp4"), "--max-frames", "40", "--no-pace",
+                 "--json", "-q"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["clips"] >= 1 and (tmp_path / "d.mp4").is_file()
+
+
 def test_verify_int8_on_the_demo_model_states_its_thresholds_and_passes(demo_int8):
     fp = runtime.load(demo_int8)
     x, y = load_data("camera:test:96", fp)

@@ -5,9 +5,10 @@ is fed. A piece sees only the clips that reach it: a branch piece the rows whose
 an exit stage every clip (exits are not taken while calibrating). A branch that fewer than
 ``min_clips`` clips chose is topped up with clips forced through it (that switch forced, the
 other gates free), and the manifest says how many of each it saw. Each piece is then quantized
-by ONNX Runtime's static quantizer into QDQ form: weights symmetric int8 per output channel,
-activations symmetric int8 per tensor (zero point 0, the form TensorRT's explicit INT8 takes and
-ONNX Runtime's CPU kernels run as S8S8), ranges by ``minmax``, ``entropy`` or ``percentile``.
+by ONNX Runtime's static quantizer into QDQ form: weights symmetric int8 per output channel;
+activations per tensor as the target backend wants them (:data:`TARGETS`: uint8 asymmetric for
+ONNX Runtime, whose CPU kernels then fold a convolution's ReLU; symmetric int8 with zero point 0
+for TensorRT's explicit INT8); ranges by ``minmax``, ``entropy`` or ``percentile``.
 
 What stays in float, and why, is recorded: pieces named by ``keep_float``; pieces fed shared
 constants (their weights arrive as inputs, so no per-channel scale can be fixed); pieces with no
