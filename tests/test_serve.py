@@ -86,6 +86,38 @@ def test_a_batch_of_requests_gets_what_classify_gives(tiny_bundle):
     assert sum(c for k, c in snap["branches"].items() if k.startswith("stem_s=")) == 6
 
 
+def test_a_bad_request_is_refused_alone_and_the_rest_of_its_batch_is_answered(stream_bundle,
+                                                                               tiny_bundle):
+    rt = load(tiny_bundle)
+    model = ServedModel("tiny", [rt])
+    x = varied_clips(5).numpy()
+    bad = x[1:3].copy()
+    bad[1, 0, 0, 0, 0] = np.nan
+    out = model.infer([request(x[:1]), request(bad), request(x[3:])])
+    want = rt.classify(np.concatenate([x[:1], x[3:]]))
+    assert close(np.concatenate([out[0]["scores"], out[2]["scores"]]), want.scores) < RTOL
+    assert [o["error"].ravel().tolist() for o in (out[0], out[2])] == [[b""], [b"", b""]]
+    assert out[1]["label"].ravel().tolist() == [-1, -1]
+    assert out[1]["scores"].shape == (2, 5) and not out[1]["scores"].any()
+    assert all(b"clip 1 holds NaN or infinite values" in e for e in out[1]["error"].ravel())
+    snap = model.metrics.snapshot()
+    assert snap["clips"] == 3 and snap["refused"] == 2
+    # a refused clip of a stream leaves that stream's state as it was
+    srt = load(stream_bundle)
+    streamed = ServedModel("s", [srt])
+    clip = frames(1)
+    first = streamed.infer([request(clip, stream=7, start=True)])[0]
+    nan = clip.copy()
+    nan[0, 0, 0, 0, 0] = np.inf
+    refused = streamed.infer([request(nan, stream=7)])[0]
+    assert refused["error"].ravel()[0] and refused["stream_position"].ravel()[0] == 0
+    second = streamed.infer([request(clip, stream=7)])[0]
+    assert first["stream_position"].ravel()[0] == 1 and second["stream_position"].ravel()[0] == 2
+    alone = Stream(srt)
+    alone.step(clip)
+    assert close(second["scores"], alone.step(clip).scores) < RTOL      # state as if no NaN came
+
+
 def test_a_forced_policy_serves_the_static_network(tiny_bundle):
     rt = load(tiny_bundle)
     model = ServedModel("tiny_static", [rt], policy="static")

@@ -36,6 +36,11 @@ class ModelMetrics:
         self.exits: Counter = Counter()         # exit name ("" = none) -> clips
         self.streams = 0
         self.seconds = 0.0                      # wall time inside the runtime's calls
+        self.refused = 0                        # clips of requests refused for their input
+
+    def refuse(self, clips: int) -> None:
+        with self._lock:
+            self.refused += clips
 
     def record(self, traces: Sequence[Any], frames: int = 1, streams: int = 0,
                seconds: float = 0.0) -> None:
@@ -66,7 +71,8 @@ class ModelMetrics:
                                      if self.static_flops is not None else None),
                     "batch_sizes": {b: self.batch_hist[b] for b in BATCH_BUCKETS},
                     "branches": {f"{s}={b}": c for (s, b), c in sorted(self.branches.items())},
-                    "exits": dict(self.exits), "streams": self.streams}
+                    "exits": dict(self.exits), "streams": self.streams,
+                    "refused": self.refused}
 
     def lines(self) -> List[Tuple[str, str, float]]:
         """(metric, labels, value) rows."""
@@ -76,7 +82,8 @@ class ModelMetrics:
                     ("adaedge_runtime_calls_total", m, self.calls),
                     ("adaedge_runtime_seconds_total", m, self.seconds),
                     ("adaedge_gflops_total", m, self.flops / 1e9),
-                    ("adaedge_streams_active", m, self.streams)]
+                    ("adaedge_streams_active", m, self.streams),
+                    ("adaedge_refused_clips_total", m, self.refused)]
             if self.static_flops is not None:
                 rows += [("adaedge_gflops_static_total", m, self.static_total / 1e9),
                          ("adaedge_gflops_saved_total", m,
@@ -101,6 +108,8 @@ HELP = {
     "adaedge_runtime_seconds_total": ("counter", "wall time inside the runtime's calls"),
     "adaedge_gflops_total": ("counter", "GFLOPs spent"),
     "adaedge_streams_active": ("gauge", "streams whose state the server holds"),
+    "adaedge_refused_clips_total": ("counter", "clips of requests refused for their input "
+                                               "(NaN or infinite values, bad stream flags)"),
     "adaedge_gflops_static_total": ("counter", "GFLOPs the static network would have spent"),
     "adaedge_gflops_saved_total": ("counter", "static GFLOPs minus GFLOPs spent"),
     "adaedge_batch_clips": ("histogram", "clips per runtime call"),

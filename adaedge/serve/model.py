@@ -9,8 +9,14 @@ Inputs per clip (the batch dimension is Triton's): ``clips`` (C, T, H, W) float3
 the manifest says; optional ``stream_id`` (uint64, 0 = no stream), ``stream_start`` and
 ``stream_end`` (bool). Outputs per clip: ``scores`` (the logits), ``label`` (int64), ``label_name``,
 ``branches`` (JSON: the branch each gate chose), ``flops`` (FLOPs spent), ``exit`` (the exit stage
-taken, empty when the clip ran the whole program) and ``stream_position`` (clips the stream has
-served, this one included; 0 without a stream).
+taken, empty when the clip ran the whole program), ``stream_position`` (clips the stream has
+served, this one included; 0 without a stream) and ``error`` (empty, or why this request was
+refused).
+
+A request whose clips the runtime refuses (NaN or infinite values, stream flags that do not
+match its clips) is answered alone with its ``error`` (label -1, zero scores, its streams
+untouched); the other requests of the batch run as if it had not come, so one camera's bad clip
+never costs another camera its answer.
 
 Clips of one batch run together, grouped by branch inside the runtime. Clips of a stream run in
 the order they came, one clip of a stream per runtime call: a batch holding two clips of one
@@ -65,6 +71,9 @@ class ServedModel:
         self.stateful = bool(self.manifest.state)
         self.window = self.manifest.window
         self.labels = self.manifest.labels
+        n_classes = self.manifest.model.get("config", {}).get("num_classes")
+        self.classes = len(self.labels) if self.labels else (
+            int(n_classes) if isinstance(n_classes, int) and n_classes > 0 else 1)
         m = self.manifest
         static = None
         if "static" in m.policies or not m.switches():
@@ -99,7 +108,8 @@ class ServedModel:
                 TensorSpec("branches", object, (1,)),
                 TensorSpec("flops", np.int64, (1,)),
                 TensorSpec("exit", object, (1,)),
-                TensorSpec("stream_position", np.int64, (1,))]
+                TensorSpec("stream_position", np.int64, (1,)),
+                TensorSpec("error", object, (1,))]
 
     # -- serving ----------------------------------------------------------------------------
     def infer(self, requests: Sequence[Mapping[str, np.ndarray]],
@@ -107,12 +117,21 @@ class ServedModel:
         """One response per request, in order; raises :class:`InputError` for a batch that
         cannot run (Triton returns the message to every request of the batch)."""
         runtime = self.runtimes[instance % len(self.runtimes)]
-        rows = _rows(requests)
+        refused: Dict[int, str] = {}
+        for r, one in enumerate(requests):      # each request on its own: one bad one is
+            try:                                 # refused alone
+                _rows([one])
+                runtime.check_clips(one["clips"])
+            except InputError as e:
+                refused[r] = str(e)
+        kept = [r for r in range(len(requests)) if r not in refused]
+        rows = [(kept[req], clip, sid, start, end)
+                for req, clip, sid, start, end in _rows([requests[r] for r in kept])]
         ids = [r[2] for r in rows]
         stream_ids = {i for i in ids if i != 0}
         self._acquire(stream_ids)
         try:
-            outs = self._run(runtime, rows)
+            outs = self._run(runtime, rows) if rows else []
         finally:
             self._release(stream_ids)
         responses: List[Dict[str, List[Any]]] = [{} for _ in requests]
@@ -120,7 +139,12 @@ class ServedModel:
             for k, v in out.items():
                 responses[req].setdefault(k, []).append(v)
         done: List[Dict[str, np.ndarray]] = []
-        for resp in responses:
+        for r, resp in enumerate(responses):
+            if r in refused:
+                n = _clip_count(requests[r])
+                self.metrics.refuse(n)
+                done.append(_refusal(n, self.classes, refused[r]))
+                continue
             done.append({
                 "scores": np.stack(resp["scores"]).astype(np.float32),
                 "label": np.array(resp["label"], dtype=np.int64).reshape(-1, 1),
@@ -129,7 +153,8 @@ class ServedModel:
                 "flops": np.array(resp["flops"], dtype=np.int64).reshape(-1, 1),
                 "exit": np.array(resp["exit"], dtype=object).reshape(-1, 1),
                 "stream_position": np.array(resp["stream_position"],
-                                            dtype=np.int64).reshape(-1, 1)})
+                                            dtype=np.int64).reshape(-1, 1),
+                "error": np.array([b""] * len(resp["label"]), dtype=object).reshape(-1, 1)})
         return done
 
     def _acquire(self, ids: Iterable[int]) -> None:
@@ -224,6 +249,23 @@ class ServedModel:
 
 
 _Row = Tuple[int, np.ndarray, int, bool, bool]   # request, clip, stream id, start, end
+
+
+def _clip_count(req: Mapping[str, Any]) -> int:
+    shape = tuple(getattr(req.get("clips"), "shape", ()))
+    return int(shape[0]) if shape else 1
+
+
+def _refusal(n: int, classes: int, message: str) -> Dict[str, np.ndarray]:
+    """The answer to a refused request of ``n`` clips: label -1, zero scores, the reason."""
+    return {"scores": np.zeros((n, classes), np.float32),
+            "label": np.full((n, 1), -1, np.int64),
+            "label_name": np.array([b""] * n, dtype=object).reshape(-1, 1),
+            "branches": np.array([b"{}"] * n, dtype=object).reshape(-1, 1),
+            "flops": np.zeros((n, 1), np.int64),
+            "exit": np.array([b""] * n, dtype=object).reshape(-1, 1),
+            "stream_position": np.zeros((n, 1), np.int64),
+            "error": np.array([message.encode()] * n, dtype=object).reshape(-1, 1)}
 
 
 def _flag(req: Mapping[str, np.ndarray], name: str, n: int, dtype: Any) -> np.ndarray:
