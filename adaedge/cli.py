@@ -201,6 +201,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"policies  {', '.join(sorted(m.policies)) or 'none'}")
     for name in sorted(m.policies):
         print(f"  {name:<12} {m.policy_flops(name) / 1e9:.4f} GFLOPs per clip")
+    if m.int8 is not None:
+        cal = m.int8.calibration
+        print(f"int8      {len(m.int8.pieces)} of {len(m.pieces)} pieces, for "
+              f"{cal.get('target', '?')}, {cal.get('method', '?')} ranges on {cal.get('clips', '?')} "
+              f"clips ({cal.get('data', '?')}); {len(m.int8.kept_float)} kept in float")
     return 0
 
 

@@ -299,6 +299,8 @@ def test_cli_calibrate_build_bench_and_info_at_int8(tiny_bundle, tmp_path, capsy
     rep = json.loads(capsys.readouterr().out)
     assert rep["clips"] == 10 and rep["method"] == "minmax"
     assert {p["precision"] for p in rep["pieces"]} <= {"int8", "float"}
+    assert main(["info", str(out)]) == 0
+    assert "int8      " in capsys.readouterr().out
     assert main(["build", str(out), "--precision", "int8", "-q"]) == 0
     assert any(p.name.endswith("-int8") for p in (out / "engines").iterdir())
     assert main(["bench", str(out), "--precision", "int8", "--reps", "1", "--warmup", "0",
