@@ -344,3 +344,20 @@ def test_exit_thresholds_are_solved_again_for_the_int8_forms(tmp_path):
     calibrate_exits(out, x, y, [full], precision="int8")
     q = runtime.load(out, precision="int8")
     q.classify(x[:2], budget=full)
+
+
+def test_streams_calibrate_and_pieces_fed_shared_weights_stay_float(tmp_path):
+    from .test_adafuse import tiny_adafuse
+    out = tmp_path / "g"
+    export(tiny_adafuse(), out, execution="gathered", options={"buckets": 2},
+           weights={"source": "test"})
+    x = np.random.default_rng(0).standard_normal((4, 3, 4, 48, 48)).astype(np.float32)
+    report = calibrate_int8(out, x, min_clips=2)
+    b = bundle_mod.load(out)
+    fed = int8_mod.constant_fed(b)
+    assert fed and not fed & set(b.manifest.int8.pieces)
+    assert all("weights arrive as inputs" in b.manifest.int8.kept_float[p] for p in fed)
+    assert any(p.precision == "int8" for p in report.pieces)
+    q = runtime.load(out, precision="int8").classify(x)         # frame by frame, state carried
+    assert np.isfinite(q.scores).all() and q.scores.shape == (4, b.manifest.model["config"].get(
+        "num_classes", q.scores.shape[1]))

@@ -43,7 +43,7 @@ from ..bundle.paths import child
 from ..bundle.vocabulary import GRAPHS
 from ..errors import BundleError, CalibrationError, InputError
 from ..progress import Progress
-from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+from ..runtime.backends.onnxruntime import _SHARED_POOL, OnnxRuntimeBackend
 from ..runtime.interpreter import Runtime
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -254,7 +254,9 @@ def _session(data: bytes, threads: Optional[int]) -> Any:
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if threads:
+    if _SHARED_POOL:              # ONNX Runtime then refuses sessions with threads of their own
+        so.use_per_session_threads = False
+    elif threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
@@ -329,6 +331,11 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
         raise CalibrationError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if target not in TARGETS:
         raise CalibrationError(f"the int8 forms are for {' or '.join(TARGETS)}, not {target!r}")
+    if _SHARED_POOL:
+        raise CalibrationError("int8 calibration cannot run in a process that created ONNX "
+                               "Runtime's shared thread pool (pool='shared'): ONNX Runtime's "
+                               "quantizer makes sessions with threads of their own; calibrate "
+                               "in a fresh process (the CLI always is one)")
     b = load_bundle(bundle)
     m = b.manifest
     previous = m.int8
