@@ -225,8 +225,9 @@ def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
         from .calibration.exits import load_data
         from .runtime import load
         count = args.clips or 64
-        clips, labels = load_data(args.data, load(args.bundle))
-        clips, labels = clips[:count], labels[:count]
+        clips, labels = load_data(args.data, load(args.bundle), labelled=False)
+        clips = clips[:count]
+        labels = labels[:count] if labels is not None else None
         data = f"{args.data}, first {len(clips)}"
     else:
         from .bench import random_clips
@@ -327,8 +328,9 @@ def cmd_calibrate_int8(args: argparse.Namespace) -> int:
     from .runtime import load
     if args.clips < 1 or args.min_clips < 1:
         raise UsageError("--clips and --min-clips must be at least 1")
-    clips, labels = load_data(args.data, load(args.bundle))
-    clips, labels = clips[:args.clips], labels[:args.clips]
+    clips, labels = load_data(args.data, load(args.bundle), labelled=False)
+    clips = clips[:args.clips]
+    labels = labels[:args.clips] if labels is not None else None
     report = calibrate_int8(args.bundle, clips, labels, data=f"{args.data}, first {len(clips)}",
                             method=args.method, keep_float=args.keep_float,
                             min_clips=args.min_clips, threads=args.threads, target=args.target,

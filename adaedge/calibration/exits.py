@@ -258,10 +258,11 @@ def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
     return out
 
 
-def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
+def load_data(spec: str, runtime: Runtime, labelled: bool = True) -> Tuple[np.ndarray, Any]:
     """Calibration data: ``camera[:split[:count]]`` (the camera data set) or
     ``motion[:split[:count]]`` (the procedural set), normalised with the bundle's mean and std, or
-    an ``.npz`` file with normalised ``clips`` and integer ``labels``."""
+    an ``.npz`` file with normalised ``clips`` and integer ``labels`` (``labelled=False``: the
+    labels may be absent, and are then None)."""
     if spec.split(":")[0] in ("motion", "camera"):
         from ..data import MotionDataset
         from ..data.camera import CameraDataset
@@ -289,6 +290,8 @@ def load_data(spec: str, runtime: Runtime) -> Tuple[np.ndarray, np.ndarray]:
                                "'motion[:split[:count]]' nor an existing .npz file")
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not labelled and "labels" not in f.files:
+                return np.asarray(f["clips"]), None
             return np.asarray(f["clips"]), np.asarray(f["labels"])
     except (KeyError, ValueError, OSError) as e:
         raise CalibrationError(f"cannot read {path}: it must be an .npz with 'clips' and 'labels' "
