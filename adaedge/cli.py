@@ -220,10 +220,20 @@ def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
         raise UsageError("verify --precision int8 compares the int8 forms with the float pieces "
                          "on onnxruntime (--backend onnxruntime); TensorRT builds the same Q/DQ "
                          "files")
+    if args.checkpoint is not None:
+        raise UsageError("--checkpoint is for verifying the float pieces against PyTorch; "
+                         "--precision int8 compares the int8 forms with the float pieces")
     labels = None
     if args.data:
+        from .bundle import load as load_bundle
         from .calibration.exits import load_data
         from .runtime import load
+        forms = load_bundle(args.bundle).manifest.int8
+        used = str(forms.calibration.get("data", "")) if forms is not None else ""
+        if used and used.split(",")[0].split(":")[:2] == args.data.split(":")[:2]:
+            print(f"adaedge: warning: --data {args.data} is the split the int8 forms were "
+                  f"calibrated on ({used}): give held-out clips for a fair check",
+                  file=sys.stderr)
         count = args.clips or 64
         clips, labels = load_data(args.data, load(args.bundle), labelled=False)
         clips = clips[:count]
@@ -245,6 +255,8 @@ def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     options = backend_options(args)
+    if args.rtol is not None and not (0 < args.rtol < float("inf")):
+        raise UsageError(f"--rtol must be a positive finite number, not {args.rtol!r}")
     if options.get("precision") == "int8":
         return cmd_verify_int8(args, options)
     if args.data:

@@ -361,3 +361,56 @@ def test_streams_calibrate_and_pieces_fed_shared_weights_stay_float(tmp_path):
     q = runtime.load(out, precision="int8").classify(x)         # frame by frame, state carried
     assert np.isfinite(q.scores).all() and q.scores.shape == (4, b.manifest.model["config"].get(
         "num_classes", q.scores.shape[1]))
+
+
+def test_a_failed_recalibration_leaves_the_earlier_forms_whole(tiny_bundle, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    x = varied_clips(8, seed=3).numpy()
+    calibrate_int8(out, x, min_clips=2)
+    before = runtime.load(out, precision="int8", path="pieces").classify(x[:2]).scores
+    files = sorted(p.name for p in (out / "graphs" / "int8").iterdir())
+    real = bundle_mod.write_manifest
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(int8_mod, "write_manifest", full_disk)
+    with pytest.raises(CalibrationError, match="cannot write the int8 forms.*earlier int8 forms "
+                                               "are unchanged"):
+        calibrate_int8(out, x * 0.5, min_clips=2, target="tensorrt")
+    monkeypatch.setattr(int8_mod, "write_manifest", real)
+    assert sorted(p.name for p in (out / "graphs" / "int8").iterdir()) == files
+    after = runtime.load(out, precision="int8", path="pieces").classify(x[:2]).scores
+    np.testing.assert_array_equal(before, after)
+    # written files are readable by others (a server running as another user), not mkstemp's 0600
+    form = next(iter(bundle_mod.load(out).manifest.int8.pieces.values()))
+    assert (out / form.file).stat().st_mode & 0o044 == 0o044
+    assert (out / "manifest.json").stat().st_mode & 0o044 == 0o044
+
+
+def test_hostile_calibration_inputs_are_refused_before_anything_is_written(tiny_bundle,
+                                                                           tmp_path, capsys):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    x = varied_clips(8, seed=3).numpy()
+    with pytest.raises(CalibrationError, match="overflow"):
+        calibrate_int8(out, x * 1e30, min_clips=2)
+    assert bundle_mod.load(out).manifest.int8 is None
+    assert main(["verify", str(out), "--precision", "int8", "--rtol", "nan"]) == 2
+    assert "--rtol must be a positive finite number" in capsys.readouterr().err
+    assert main(["verify", str(out), "--precision", "int8", "--checkpoint", "x.pt"]) == 2
+    assert "--checkpoint is for verifying the float pieces" in capsys.readouterr().err
+    assert main(["calibrate", "int8", str(out), "--data", "camera:val:-5"]) == 2
+    assert "the count must be a positive integer" in capsys.readouterr().err
+
+
+def test_exit_labels_are_checked_before_any_int8_work(tmp_path):
+    from .test_adafocus import tiny_focus
+    out = tmp_path / "f"
+    export(tiny_focus(seed=1), out, weights={"source": "test"})
+    rt = runtime.load(out)
+    x, y = load_data("motion:val:20", rt)
+    calibrate_exits(out, x, y, [rt.manifest.policy_flops("static") / 1e9])
+    with pytest.raises(CalibrationError, match="labels must be one integer per clip"):
+        calibrate_int8(out, x, y[:3])
+    assert bundle_mod.load(out).manifest.int8 is None

@@ -102,6 +102,16 @@ def test_a_bad_request_is_refused_alone_and_the_rest_of_its_batch_is_answered(st
     assert all(b"clip 1 holds NaN or infinite values" in e for e in out[1]["error"].ravel())
     snap = model.metrics.snapshot()
     assert snap["clips"] == 3 and snap["refused"] == 2
+    # stream flags are never coerced, and a request that is not one is refused alone too
+    for hostile, message in [({"clips": x[:1], "stream_id": np.array([[-1]])}, b"UINT64"),
+                             ({"clips": x[:1], "stream_id": np.array([[np.nan]])}, b"UINT64"),
+                             ({"clips": x[:1], "stream_id": np.array([["abc"]])}, b"UINT64"),
+                             ({"clips": x[:1], "stream_start": np.array([[b"no"]], dtype=object)},
+                              b"BOOL"),
+                             (None, b"map input names")]:
+        out = model.infer([request(x[:1]), hostile])
+        assert close(out[0]["scores"], want.scores[:1]) < RTOL
+        assert message in out[1]["error"].ravel()[0] and out[1]["label"].ravel()[0] == -1
     # a refused clip of a stream leaves that stream's state as it was
     srt = load(stream_bundle)
     streamed = ServedModel("s", [srt])

@@ -53,6 +53,13 @@ def sha256_file(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
     """Write ``data`` to ``path`` through a temporary file created beside it and renamed into
     place: a reader never sees half a file, and an existing link at ``path`` is replaced, not
@@ -63,6 +70,9 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
+            # mkstemp makes the file private (0600); a written file gets the mode any new file
+            # would (0644 under the usual umask), so a server running as another user reads it
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -73,4 +83,4 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
     return path
 
 
-__all__ = ["child", "safe_join", "sha256_file", "write_atomic"]
+__all__ = ["child", "current_umask", "safe_join", "sha256_file", "write_atomic"]

@@ -273,6 +273,8 @@ def load_data(spec: str, runtime: Runtime, labelled: bool = True) -> Tuple[np.nd
             count = int(parts[2]) if len(parts) > 2 else 0
         except ValueError:
             raise CalibrationError(f"bad data spec {spec!r}: the count must be an integer") from None
+        if count < 0 or (len(parts) > 2 and count == 0):
+            raise CalibrationError(f"bad data spec {spec!r}: the count must be a positive integer")
         _, t, h, w = runtime.manifest.clip_shape
         if h != w:
             raise CalibrationError("the procedural data set has square clips only")

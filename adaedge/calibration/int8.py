@@ -27,6 +27,7 @@ This module imports NumPy, ONNX and ONNX Runtime (its quantization tools), never
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -280,8 +281,9 @@ def _compare(float_data: bytes, int8_data: bytes, feeds: Iterator[Dict[str, np.n
                 continue
             a = np.asarray(fo[n], np.float32).reshape(-1)
             d = a - np.asarray(qo[n], np.float32).reshape(-1)
-            diff[n] = diff.get(n, 0.0) + float(np.dot(d, d))      # BLAS, float32 accumulation
-            ref[n] = ref.get(n, 0.0) + float(np.dot(a, a))
+            with np.errstate(over="ignore", invalid="ignore"):   # overflow: refused by the caller
+                diff[n] = diff.get(n, 0.0) + float(np.dot(d, d))  # BLAS, float32 accumulation
+                ref[n] = ref.get(n, 0.0) + float(np.dot(a, a))
         if decision is not None:
             d_f, d_q = np.asarray(fo[decision]).reshape(-1), np.asarray(qo[decision]).reshape(-1)
             same += int((d_f == d_q).sum())
@@ -341,8 +343,12 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
     previous = m.int8
     unknown = sorted(set(keep_float) - set(m.pieces))
     if unknown:
-        raise CalibrationError(f"--keep-float names {', '.join(map(repr, unknown))}, not pieces "
-                               f"of this bundle (it has {', '.join(m.pieces)})")
+        names = list(m.pieces)
+        raise CalibrationError(f"--keep-float names {', '.join(map(repr, unknown[:5]))}"
+                               f"{' ...' if len(unknown) > 5 else ''}, not pieces of this bundle "
+                               f"(it has {len(names)}: {', '.join(names[:8])}"
+                               f"{' ...' if len(names) > 8 else ''}; 'adaedge info --json' "
+                               "lists them)")
     backend = OnnxRuntimeBackend(threads=threads)
     runtime = Runtime(b, backend, path="pieces")
     try:
@@ -355,7 +361,10 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
         if labels is None:
             raise CalibrationError("this bundle's exits hold thresholds, which must be solved "
                                    "again on the int8 forms: give labelled calibration data")
+        from .exits import check_data
+        check_data(runtime, x, labels)          # before any work: nothing is written on error
         y = np.asarray(labels)
+    folder = _int8_folder(b.root)               # a link there is refused before any work
     used = m.used_pieces()
     gates = gate_pieces(b)
     branches = branch_pieces(b)
@@ -402,6 +411,10 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
             decision = gates.get(piece)
             pr.rel_error, pr.agreement = _compare(float_data, data_q, store.feeds(piece),
                                                   decision, threads)
+            if not np.isfinite(pr.rel_error):
+                raise CalibrationError(f"piece {piece!r}: the float network's values overflow on "
+                                       "these clips (the int8 form's error is not finite): are "
+                                       "the clips normalised with the manifest's mean and std?")
             if decision is not None and (pr.agreement is None or pr.agreement < GATE_AGREEMENT):
                 pr.reason = (f"its int8 decisions agree with float on "
                              f"{(pr.agreement or 0.0):.1%} of the calibration clips "
@@ -410,25 +423,41 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
                 continue
             pr.precision = "int8"
             written[piece] = data_q
-            forms[piece] = Int8Piece(f"{GRAPHS}/int8/{piece}.onnx", "", counts["observed"],
-                                     counts["forced"])
+            forms[piece] = Int8Piece("", "", counts["observed"], counts["forced"])
     tick(steps - 3, steps, "writing")
-    folder = _int8_folder(b.root)
-    for piece, data_q in written.items():
-        written_to = child(folder, f"{piece}.onnx")
-        write_atomic(written_to, data_q)
-        forms[piece] = dataclasses.replace(forms[piece], sha256=sha256_file(written_to))
-    import onnxruntime
-    m.int8 = Int8Forms(forms, kept, {
-        "data": data or "given clips", "clips": int(len(x)), "method": method,
-        "target": target, "weights": "int8, symmetric, per output channel",
-        "activations": ("int8, symmetric, per tensor" if TARGETS[target] == "int8" else
-                        "uint8, asymmetric, per tensor"),
-        "min_clips_per_branch": int(min_clips), "gate_agreement": GATE_AGREEMENT,
-        "tool": f"onnxruntime.quantization {onnxruntime.__version__} (QDQ)"}, {})
-    write_manifest(b.root, m)
+    # New forms go to files named by their content, so that no file the current manifest lists
+    # is replaced: until the manifest is written the old forms stay whole, and a failure removes
+    # what this call wrote.
+    new_files: List[Path] = []
+    try:
+        for piece, data_q in written.items():
+            digest = hashlib.sha256(data_q).hexdigest()
+            name = f"{piece}.{digest[:16]}.onnx"
+            path = child(folder, name)
+            if not (path.is_file() and not path.is_symlink() and sha256_file(path) == digest):
+                write_atomic(path, data_q)
+                new_files.append(path)
+            forms[piece] = dataclasses.replace(forms[piece], file=f"{GRAPHS}/int8/{name}",
+                                               sha256=digest)
+        import onnxruntime
+        m.int8 = Int8Forms(forms, kept, {
+            "data": data or "given clips", "clips": int(len(x)), "method": method,
+            "target": target, "weights": "int8, symmetric, per output channel",
+            "activations": ("int8, symmetric, per tensor" if TARGETS[target] == "int8" else
+                            "uint8, asymmetric, per tensor"),
+            "min_clips_per_branch": int(min_clips), "gate_agreement": GATE_AGREEMENT,
+            "tool": f"onnxruntime.quantization {onnxruntime.__version__} (QDQ)"}, {})
+        write_manifest(b.root, m)
+    except BaseException as e:
+        for path in new_files:
+            path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CalibrationError(f"cannot write the int8 forms into {folder}: {e}; the "
+                                   "bundle's earlier int8 forms are unchanged") from None
+        raise
+    keep = {f.file for f in forms.values()}
     for old in previous.pieces.values() if previous is not None else ():
-        if old.file not in {f.file for f in forms.values()}:     # a form no longer written
+        if old.file not in keep:                 # a form no longer listed
             path = safe_join(b.root, old.file)
             if path.is_file():
                 path.unlink()
@@ -495,7 +524,7 @@ class VerifyInt8Report:
                 "pieces": self.pieces, "gates": self.gates, "top1": self.top1}
 
     def text(self) -> str:
-        lines = [f"int8 against float on {self.clips} held-out clips ({self.data}); thresholds: "
+        lines = [f"int8 against float on {self.clips} clips ({self.data}); thresholds: "
                  f"each piece ||int8 - float||_2 <= {self.piece_rtol:g} x ||float||_2 fed "
                  f"the float network's inputs, each gate agreeing on >= {VERIFY_GATE_AGREEMENT:.0%} "
                  f"of clips in the whole int8 network, top-1 drop <= {TOP1_DROP * 100:g} point"]

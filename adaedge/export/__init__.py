@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from .. import __version__
+from ..bundle.paths import current_umask
 from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
                       write_manifest)
 from ..bundle.folder import value_dtype, value_shape
@@ -142,6 +143,7 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     # the old bundle stays whole until the new one is complete; only what it lists is replaced
     with terminate_as_interrupt():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
         try:
             manifest = _write(parts, tmp, info, input_spec)
             replace_bundle(tmp, out)

@@ -124,6 +124,8 @@ class ServedModel:
                 runtime.check_clips(one["clips"])
             except InputError as e:
                 refused[r] = str(e)
+            except (ValueError, TypeError) as e:     # arrays NumPy cannot read as numbers
+                refused[r] = f"a request's inputs cannot be read: {e}"
         kept = [r for r in range(len(requests)) if r not in refused]
         rows = [(kept[req], clip, sid, start, end)
                 for req, clip, sid, start, end in _rows([requests[r] for r in kept])]
@@ -251,8 +253,9 @@ class ServedModel:
 _Row = Tuple[int, np.ndarray, int, bool, bool]   # request, clip, stream id, start, end
 
 
-def _clip_count(req: Mapping[str, Any]) -> int:
-    shape = tuple(getattr(req.get("clips"), "shape", ()))
+def _clip_count(req: Any) -> int:
+    clips = req.get("clips") if isinstance(req, Mapping) else None
+    shape = tuple(getattr(clips, "shape", ()))
     return int(shape[0]) if shape else 1
 
 
@@ -275,12 +278,21 @@ def _flag(req: Mapping[str, np.ndarray], name: str, n: int, dtype: Any) -> np.nd
     arr = np.asarray(v).reshape(-1)
     if arr.shape[0] != n:
         raise InputError(f"{name} holds {arr.shape[0]} values for {n} clips")
+    # never coerced: a stream id is a non-negative integer, a flag a boolean (or 0/1)
+    if dtype == np.bool_:
+        if arr.dtype.kind == "b" or (arr.dtype.kind in "iu" and np.isin(arr, (0, 1)).all()):
+            return arr.astype(np.bool_)
+        raise InputError(f"{name} must be BOOL, got {arr.dtype}")
+    if arr.dtype.kind not in "iu" or (arr.dtype.kind == "i" and (arr < 0).any()):
+        raise InputError(f"{name} must be non-negative integers (UINT64), got {arr.dtype}")
     return arr.astype(dtype)
 
 
 def _rows(requests: Sequence[Mapping[str, np.ndarray]]) -> List[_Row]:
     rows: List[_Row] = []
     for r, req in enumerate(requests):
+        if not isinstance(req, Mapping):
+            raise InputError("a request must map input names to arrays")
         if "clips" not in req:
             raise InputError("a request needs the input 'clips'")
         clips = np.asarray(req["clips"])

@@ -13,6 +13,8 @@ GFLOPs saved) on ``adaedge_metrics_port``. Everything binds to ``host`` (127.0.0
 
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 import re
@@ -77,9 +79,13 @@ class ServeConfig:
         for key in ("instances", "max_batch", "max_queue", "max_streams"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.max_queue_delay_ms < 0 or self.queue_timeout_ms <= 0 or self.stream_idle_s <= 0:
-            raise UsageError("max_queue_delay_ms must be >= 0, queue_timeout_ms and "
-                             "stream_idle_s > 0")
+        for key, low in (("max_queue_delay_ms", 0.0), ("queue_timeout_ms", None),
+                         ("stream_idle_s", None)):
+            value = float(getattr(self, key))
+            if not math.isfinite(value) or value < 0 or (low is None and value == 0):
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"{flag} must be a finite number {'>= 0' if low is not None else '> 0'}, "
+                                 f"not {getattr(self, key)!r}")
         for port in self.ports().values():
             if not 0 < port < 65536:
                 raise UsageError(f"port {port} is out of range")

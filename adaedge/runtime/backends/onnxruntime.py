@@ -19,7 +19,7 @@ import numpy as np
 
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
 from ...bundle.folder import check_io
-from ...bundle.paths import child
+from ...bundle.paths import child, current_umask
 from ...errors import BackendUnavailable, BundleError, UsageError
 from ...progress import Progress
 from .base import Backend, BackendOption
@@ -235,6 +235,7 @@ class OnnxRuntimeBackend(Backend):
             tmp = Path(tmp_name)
             try:
                 self._session(self._checked(bundle, name), name, True, tmp)
+                os.chmod(tmp, 0o666 & ~current_umask())     # not mkstemp's private 0600
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
