@@ -27,10 +27,11 @@ import platform
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .bundle import Bundle
 from .errors import UsageError
 from .progress import Progress
 from .runtime.interpreter import Force, Runtime
@@ -102,17 +103,7 @@ def realization(t_policy: float, t_static: float, f_policy: float, f_static: flo
 
 def exit_budgets(runtime: Runtime) -> List[str]:
     """The budgets whose thresholds every exit step holds ('default' aside), cheapest first."""
-    steps = runtime.manifest.exits()
-    if not steps:
-        return []
-    keys = set.intersection(*(set(s.thresholds) for s in steps)) - {"default"}
-
-    def as_number(k: str) -> float:
-        try:
-            return float(k)
-        except ValueError:
-            return float("inf")
-    return sorted(keys, key=lambda k: (as_number(k), k))
+    return runtime.manifest.exit_budgets()
 
 
 def exit_configs(runtime: Runtime, clips: np.ndarray, seed: int = 0,
@@ -237,7 +228,9 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def random_clips(runtime: Runtime, batch: int, seed: int = 0) -> np.ndarray:
+def random_clips(runtime: Union[Runtime, Bundle], batch: int, seed: int = 0) -> np.ndarray:
+    """``batch`` standard-normal clips of the bundle's full clip shape (only the manifest is
+    read: a runtime or a bundle)."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal([batch] + runtime.manifest.full_clip_shape).astype(np.float32)
 

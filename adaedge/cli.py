@@ -223,27 +223,26 @@ def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
     if args.checkpoint is not None:
         raise UsageError("--checkpoint is for verifying the float pieces against PyTorch; "
                          "--precision int8 compares the int8 forms with the float pieces")
+    from .bundle import load as load_bundle
+    bundle = load_bundle(args.bundle)      # only the manifest is read here: no piece is loaded
     labels = None
     if args.data:
-        from .bundle import load as load_bundle
         from .calibration.exits import load_data
-        from .runtime import load
-        forms = load_bundle(args.bundle).manifest.int8
+        forms = bundle.manifest.int8
         used = str(forms.calibration.get("data", "")) if forms is not None else ""
         if used and used.split(",")[0].split(":")[:2] == args.data.split(":")[:2]:
             print(f"adaedge: warning: --data {args.data} is the split the int8 forms were "
                   f"calibrated on ({used}): give held-out clips for a fair check",
                   file=sys.stderr)
         count = args.clips or 64
-        clips, labels = load_data(args.data, load(args.bundle), labelled=False)
+        clips, labels = load_data(args.data, bundle, labelled=False)
         clips = clips[:count]
         labels = labels[:count] if labels is not None else None
         data = f"{args.data}, first {len(clips)}"
     else:
         from .bench import random_clips
-        from .runtime import load
         count = args.clips or 64
-        clips = random_clips(load(args.bundle), count, seed=args.seed)
+        clips = random_clips(bundle, count, seed=args.seed)
         data = f"{count} random clips, seed {args.seed}: give --data for real clips and top-1"
     report = verify_int8(args.bundle, clips, labels, data=data,
                          piece_rtol=args.rtol if args.rtol is not None else PIECE_RTOL,
@@ -304,13 +303,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .bundle import load as load_bundle
     from .calibration.exits import calibrate_exits, load_data
-    from .runtime import load
     if args.plot:                # a plot that cannot be written fails before thresholds are
         from .demo import check_destination          # stored, not after
         check_destination(Path(args.plot), "--plot", None, replace=True)
-    runtime = load(args.bundle)
-    clips, labels = load_data(args.data, runtime)
+    clips, labels = load_data(args.data, load_bundle(args.bundle))   # the manifest alone
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
                              default=args.default, precision=args.precision,
                              progress=ProgressBar("calibrate", not (args.quiet or args.json)))
@@ -335,12 +333,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_int8(args: argparse.Namespace) -> int:
+    from .bundle import load as load_bundle
     from .calibration.exits import load_data
     from .calibration.int8 import calibrate_int8
-    from .runtime import load
     if args.clips < 1 or args.min_clips < 1:
         raise UsageError("--clips and --min-clips must be at least 1")
-    clips, labels = load_data(args.data, load(args.bundle), labelled=False)
+    clips, labels = load_data(args.data, load_bundle(args.bundle), labelled=False)
     clips = clips[:args.clips]
     labels = labels[:args.clips] if labels is not None else None
     report = calibrate_int8(args.bundle, clips, labels, data=f"{args.data}, first {len(clips)}",

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from adaedge import models, runtime
@@ -72,11 +71,9 @@ def main(argv=None) -> int:
                               size=args.size).eval()
         gates_always_full(model)
         export(model, out, execution="dynamic", weights={"source": "random", "seed": 0})
-    float_rt = runtime.load(out, threads=args.threads) if args.threads else runtime.load(out)
     forms = load_bundle(out).manifest.int8
     if args.bundle is None and (forms is None or forms.calibration.get("target") != args.target):
-        calib = np.random.default_rng(1).standard_normal(
-            [args.calib_clips] + float_rt.manifest.full_clip_shape).astype(np.float32)
+        calib = random_clips(load_bundle(out), args.calib_clips, seed=1)
         calibrate_int8(out, calib, data=f"{args.calib_clips} random clips, seed 1",
                        min_clips=args.calib_clips, target=args.target)
     print(f"bundle exported and calibrated in {time.perf_counter() - t0:.1f}s under {work}",
@@ -98,10 +95,10 @@ def main(argv=None) -> int:
     report = run_configs(configs, clips, reps=args.reps, warmup=args.warmup,
                          reference="int8-static")
     report.meta["threads"] = float_rt.backend.threads  # type: ignore[attr-defined]
-    model = load_bundle(out).manifest.model
-    shape = "x".join(map(str, float_rt.manifest.clip_shape[1:]))
-    report.meta["model"] = (f"{model.get('name')} {shape}, int8 forms for "
-                            f"{load_bundle(out).manifest.int8.calibration.get('target')}")
+    m = int8_rt.bundle.base.manifest
+    shape = "x".join(map(str, m.clip_shape[1:]))
+    report.meta["model"] = (f"{m.model.get('name')} {shape}, int8 forms for "
+                            f"{m.int8.calibration.get('target')}")
     fp, q = report.get("fp32-static"), report.get("int8-static")
     summary = {"int8_speedup_static": fp.median_ms / q.median_ms,
                "int8_speedup_free": report.get("fp32-free").median_ms /

@@ -104,6 +104,21 @@ class Manifest:
     def exits(self) -> List[Exit]:
         return [s for s in self.program if isinstance(s, Exit)]
 
+    def exit_budgets(self) -> List[str]:
+        """The budgets whose thresholds every exit step holds (``default`` aside), cheapest
+        first; keys that are not numbers come last."""
+        steps = self.exits()
+        if not steps:
+            return []
+        keys = set.intersection(*(set(s.thresholds) for s in steps)) - {"default"}
+
+        def as_number(k: str) -> float:
+            try:
+                return float(k)
+            except ValueError:
+                return float("inf")
+        return sorted(keys, key=lambda k: (as_number(k), k))
+
     def carries(self) -> List[Carry]:
         return [s for s in self.program if isinstance(s, Carry)]
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..bundle import CRITERIA, budget_key, write_manifest
+from ..bundle import CRITERIA, Bundle, budget_key, write_manifest
 from ..bundle import load as load_bundle
 from ..errors import CalibrationError, InputError
 from ..progress import Progress
@@ -258,11 +258,13 @@ def evaluate_budgets(runtime: Runtime, clips: np.ndarray, labels: np.ndarray,
     return out
 
 
-def load_data(spec: str, runtime: Runtime, labelled: bool = True) -> Tuple[np.ndarray, Any]:
+def load_data(spec: str, runtime: Union[Runtime, Bundle],
+              labelled: bool = True) -> Tuple[np.ndarray, Any]:
     """Calibration data: ``camera[:split[:count]]`` (the camera data set) or
     ``motion[:split[:count]]`` (the procedural set), normalised with the bundle's mean and std, or
     an ``.npz`` file with normalised ``clips`` and integer ``labels`` (``labelled=False``: the
-    labels may be absent, and are then None)."""
+    labels may be absent, and are then None). Only ``runtime.manifest`` is read, so a bundle
+    serves as well (no piece is loaded for it)."""
     if spec.split(":")[0] in ("motion", "camera"):
         from ..data import MotionDataset
         from ..data.camera import CameraDataset

@@ -36,7 +36,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from ..bundle import Bundle, Run, Switch, safe_join, sha256_file, write_atomic, write_manifest
+from ..bundle import (Bundle, Run, Switch, budget_key, safe_join, sha256_file, write_atomic,
+                      write_manifest)
 from ..bundle import load as load_bundle
 from ..bundle.folder import check_io, parse_onnx
 from ..bundle.int8 import Int8Forms, Int8Piece
@@ -45,7 +46,7 @@ from ..bundle.vocabulary import GRAPHS
 from ..errors import BundleError, CalibrationError, InputError
 from ..progress import Progress
 from ..runtime.backends.onnxruntime import _SHARED_POOL, OnnxRuntimeBackend
-from ..runtime.interpreter import Runtime
+from ..runtime.interpreter import Result, Runtime
 
 METHODS = ("minmax", "entropy", "percentile")
 # activations as each backend wants them: ONNX Runtime's CPU kernels fold a ReLU into an
@@ -307,18 +308,19 @@ def _int8_folder(root: Path) -> Path:
 
 
 def _collect(runtime: Runtime, store: _Store, x: np.ndarray,
-             branches: Mapping[str, Tuple[str, int]], min_clips: int) -> None:
+             branches: Mapping[str, Tuple[str, int]], min_clips: int) -> Result:
     """Record every piece's feeds over ``x`` with the gates choosing (no exit taken), then top up
     each branch fewer than ``min_clips`` clips chose with the first ``min_clips`` clips forced
-    through it (that switch forced, the other gates free)."""
+    through it (that switch forced, the other gates free). Returns the gates-choosing run."""
     store.wanted, store.mode = None, "observed"
-    runtime.classify_batches(x, BATCH, exits=False)
+    observed = runtime.classify_batches(x, BATCH, exits=False)
     need = min(len(x), min_clips)
     for piece, (switch, k) in branches.items():
         if store.rows.get(piece, {}).get("observed", 0) < need:
             store.wanted, store.mode = {piece}, "forced"
             runtime.classify_batches(x[:need], BATCH, exits=False, force={switch: k})
     store.wanted, store.mode = None, "observed"
+    return observed
 
 
 def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: str = "",
@@ -476,17 +478,13 @@ def _stored_budgets(b: Bundle) -> Optional[Tuple[List[float], str, Optional[floa
     """The budgets (GFLOPs) whose thresholds the float exits hold, their criterion and which
     of them is the default; None where no exit holds thresholds."""
     steps = b.manifest.exits()
-    if not steps or not any(s.thresholds for s in steps):
-        return None
-    keys = set.intersection(*(set(s.thresholds) for s in steps)) - {"default"}
-    budgets = sorted(float(k) for k in keys if _is_number(k))
+    budgets = [float(k) for k in b.manifest.exit_budgets() if _is_number(k)]
     if not budgets:
         return None
     default = None
-    first = steps[0].thresholds
-    if "default" in first:
+    if "default" in steps[0].thresholds:
         for k in budgets:
-            key = format(k, "g")
+            key = budget_key(k)
             if all(s.thresholds.get(key) == s.thresholds.get("default") for s in steps):
                 default = k
                 break
@@ -495,7 +493,7 @@ def _stored_budgets(b: Bundle) -> Optional[Tuple[List[float], str, Optional[floa
 
 def _is_number(text: str) -> bool:
     try:
-        return np.isfinite(float(text))
+        return bool(np.isfinite(float(text)))
     except ValueError:
         return False
 
@@ -565,12 +563,10 @@ def verify_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: 
     tick = progress or (lambda done, total, what: None)
     steps = len(names) + 2
     tick(0, steps, "float bundle")
-    float_run = fp.classify_batches(x, BATCH, exits=False)
     with tempfile.TemporaryDirectory(prefix="adaedge-int8-") as tmp:
         store = _Store(Path(tmp))
-        recorder = Runtime(b, fp.backend, path="pieces")
-        _record(recorder, store)
-        _collect(recorder, store, x, branch_pieces(b), min_clips)
+        _record(fp, store)      # the float run records each piece's feeds as it goes
+        float_run = _collect(fp, store, x, branch_pieces(b), min_clips)
         qb = b.with_precision("int8")
         for i, piece in enumerate(names):
             tick(1 + i, steps, piece)

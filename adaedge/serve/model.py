@@ -118,17 +118,18 @@ class ServedModel:
         cannot run (Triton returns the message to every request of the batch)."""
         runtime = self.runtimes[instance % len(self.runtimes)]
         refused: Dict[int, str] = {}
+        rows: List[_Row] = []
         for r, one in enumerate(requests):      # each request on its own: one bad one is
             try:                                 # refused alone
-                _rows([one])
+                mine = _rows([one])
                 runtime.check_clips(one["clips"])
             except InputError as e:
                 refused[r] = str(e)
+                continue
             except (ValueError, TypeError) as e:     # arrays NumPy cannot read as numbers
                 refused[r] = f"a request's inputs cannot be read: {e}"
-        kept = [r for r in range(len(requests)) if r not in refused]
-        rows = [(kept[req], clip, sid, start, end)
-                for req, clip, sid, start, end in _rows([requests[r] for r in kept])]
+                continue
+            rows += [(r, clip, sid, start, end) for _, clip, sid, start, end in mine]
         ids = [r[2] for r in rows]
         stream_ids = {i for i in ids if i != 0}
         self._acquire(stream_ids)
