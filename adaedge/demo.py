@@ -49,6 +49,12 @@ from .progress import Progress
 from .runtime import Runtime
 from .runtime import load as load_runtime
 
+def less_or_more(saved: float, time: bool = True) -> str:
+    """A share of time saved in words: "12% less time" or "5% more time" (never "-5% saved")."""
+    word = "less" if saved >= 0 else "more"
+    return f"{abs(saved) * 100:.0f}% {word}" + (" time" if time else "")
+
+
 DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "vared_r2plus1d_camera.pt"
 
 # One colour (BGR) per branch index (a switch's branches go from the full one to the cheapest):
@@ -320,8 +326,9 @@ class Summary:
                  f"clips            {d['clips']} ({d['clips_inferred']} inferred, "
                  f"{d['clips_skipped']} skipped while inference was busy)",
                  f"latency          median {d['median_ms']:.2f} ms, p90 {d['p90_ms']:.2f} ms"
-                 + (f" (static network {d['static_ms']:.2f} ms: {d['time_saved'] * 100:.0f}% "
-                    "saved)" if d["static_ms"] and d["time_saved"] is not None else ""),
+                 + (f" (static network {d['static_ms']:.2f} ms: "
+                    f"{less_or_more(d['time_saved'])})"
+                    if d["static_ms"] and d["time_saved"] is not None else ""),
                  f"GFLOPs per clip  {d['mean_gflops']:.4f} mean"
                  + (f", static network {d['static_gflops']:.4f}" if d["static_gflops"] else ""),
                  f"branches         {shares}",
@@ -480,9 +487,8 @@ def draw_overlay(frame: np.ndarray, res: Optional[ClipResult], static_gflops: fl
     lines: List[Tuple[str, float, int, Tuple[int, int, int]]] = [
         (f"{words(res.label)}  {res.confidence * 100:.0f}%", big, thick_big, (130, 255, 130))]
     if res.static_ms:
-        saved = 1 - res.ms / res.static_ms
         lines.append((f"{res.ms:.1f} ms  vs static {res.static_ms:.1f} ms  "
-                      f"({abs(saved) * 100:.0f}% {'less' if saved >= 0 else 'more'})",
+                      f"({less_or_more(1 - res.ms / res.static_ms, time=False)})",
                       small, thick, (255, 255, 255)))
     else:
         lines.append((f"{res.ms:.1f} ms", small, thick, (255, 255, 255)))

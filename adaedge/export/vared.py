@@ -25,7 +25,7 @@ import torch
 from ..bundle import Branch as ProgramBranch
 from ..bundle import Gate
 from ..models.vared_r2plus1d import DynamicUnit, Head, VaRedR2Plus1D
-from ..nn.vared import Branch
+from ..nn.vared import MOTION_FLOOR, MOTION_GRID, Branch, DynamicConv3d
 from ..progress import Progress
 from .graph import Graph, bn_affine
 from .graph import to_numpy as _np
@@ -129,6 +129,55 @@ def conv_nd(g: Graph, x: str, shape: Tuple[int, ...], weight: np.ndarray, bias: 
     return y, out_shape
 
 
+def is_copy(fill: torch.nn.Conv3d) -> bool:
+    """Whether a depthwise cheap operation copies its input: centre tap 1, every other weight
+    and the bias 0 (the initial value; see ``DynamicConv3d._init_cheap_ops``)."""
+    w = _np(fill.weight)
+    kt, kh, kw = w.shape[2:]
+    copy = np.zeros_like(w)
+    copy[:, :, kt // 2, kh // 2, kw // 2] = 1.0
+    return bool(np.array_equal(w, copy) and not np.any(_np(_bias(fill))))
+
+
+def pad_time(g: Graph, x: str, shape: Tuple[int, ...],
+             conv: DynamicConv3d) -> Tuple[str, Tuple[int, ...]]:
+    """x with its edge frames repeated ``padding[0]`` times at each end (a ``Pad`` of mode
+    ``edge`` on the time axis) when the layer replicates edge frames; else x unchanged (the
+    convolution pads with zeros). Returns the value and its per-clip shape (C, T, H, W)."""
+    pt = conv.padding[0]
+    if conv.temporal_padding != "replicate" or pt == 0:
+        return x, shape
+    c, t, h, w = shape
+    pads = g.const([0, 0, pt, 0, 0, 0, 0, pt, 0, 0], "pads", "int64")
+    return g.op("Pad", x, pads, mode="edge"), (c, t + 2 * pt, h, w)
+
+
+def motion_graph(frames: int, size: int, grid: int = MOTION_GRID) -> onnx.ModelProto:
+    """The clip's motion vector every gate reads (:func:`~adaedge.nn.vared.clip_motion`)."""
+    g = Graph("motion")
+    x = g.input("clip", ["N", 3, frames, size, size])
+    k = max(1, size // grid)
+    cells = min(grid, size)
+    if frames < 2:
+        zero = g.op("Mul", g.op("Flatten", g.op("GlobalAveragePool", x), axis=1),
+                    g.const(np.zeros((), np.float32), "zero"))
+        g.output(g.op("Tile", zero, g.const([1, cells * cells], "reps", "int64")), "motion")
+        return g.model()
+    p = g.op("AveragePool", x, kernel_shape=[1, k, k], strides=[1, k, k])
+    if size // k != cells:
+        p = g.op("Slice", p, g.const([0, 0], "s", "int64"), g.const([cells, cells], "e", "int64"),
+                 g.const([3, 4], "a", "int64"))
+
+    def frames_(start: int, stop: int) -> str:
+        return g.op("Slice", p, g.const([start], "s", "int64"), g.const([stop], "e", "int64"),
+                    g.const([2], "a", "int64"))
+    d = g.op("Abs", g.op("Sub", frames_(1, frames), frames_(0, frames - 1)))
+    d = g.op("ReduceMean", d, axes=[2], keepdims=0)
+    d = g.op("Log", g.op("Add", d, g.const(np.array(MOTION_FLOOR, np.float32), "floor")))
+    g.output(g.op("Flatten", d, axis=1), "motion")
+    return g.model()
+
+
 def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> onnx.ModelProto:
     """The static graph of one branch of one unit (batch norm folded)."""
     unit, conv = plan.unit, plan.unit.conv
@@ -145,11 +194,12 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
     def act(v: str) -> str:
         return g.op("Relu", v) if conv.activation else v
 
+    x, in_shape = pad_time(g, x, plan.in_shape, conv)
     if execution == "dynamic":
-        y, shape = conv_nd(g, x, plan.in_shape, weight[:computed], shift[:computed],
-                           (st * r, sh, sw), conv.padding)
+        y, shape = conv_nd(g, x, in_shape, weight[:computed], shift[:computed],
+                           (st * r, sh, sw), conv.conv_padding)
     elif execution == "masked":  # the papers' execution: compute everything, keep the branch's part
-        y, shape = conv_nd(g, x, plan.in_shape, weight, shift, conv.stride, conv.padding)
+        y, shape = conv_nd(g, x, in_shape, weight, shift, conv.stride, conv.conv_padding)
         if computed < out_ch or r > 1:
             y = g.op("Slice", y, g.const([0, 0], "starts", "int64"),
                      g.const([computed, frames_out], "ends", "int64"),
@@ -165,7 +215,18 @@ def branch_graph(plan: UnitPlan, branch: Branch, execution: str = "dynamic") -> 
         y = g.op("Concat", y, act(f), axis=1)
         shape = (out_ch, *shape[1:])
     computed_frames = shape[1]
-    if branch.t and frames_out > computed_frames:
+    if branch.t and frames_out > computed_frames and is_copy(conv.temporal_fill_conv(branch.t)):
+        # A fill that copies each computed frame (its initial value, exact on a still scene) is
+        # written as a repeat: one Expand instead of a convolution, a Concat and a ReLU (the
+        # copied frames are already activated).
+        h, w = shape[2], shape[3]
+        y6 = g.op("Reshape", y, g.const([0, out_ch, computed_frames, 1, h, w], "shape", "int64"))
+        y6 = g.op("Expand", y6, g.const([1, 1, 1, r, 1, 1], "repeat", "int64"))
+        y = g.op("Reshape", y6, g.const([0, out_ch, computed_frames * r, h, w], "shape", "int64"))
+        if computed_frames * r != frames_out:
+            y = g.op("Slice", y, g.const([0], "starts", "int64"),
+                     g.const([frames_out], "ends", "int64"), g.const([2], "axes", "int64"))
+    elif branch.t and frames_out > computed_frames:
         fill = conv.temporal_fill_conv(branch.t)
         h, w = shape[2], shape[3]
         f, _ = conv_nd(g, y, shape, _np(fill.weight), _np(_bias(fill)), (1, 1, 1), (0, 1, 1),
@@ -202,6 +263,8 @@ def gate_graph(plan: UnitPlan) -> onnx.ModelProto:
     g = Graph(f"{plan.name}.gate")
     x = g.input("x", ["N", *plan.in_shape])
     z = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    if gate.context_features:
+        z = g.op("Concat", z, g.input("motion", ["N", gate.context_features]), axis=1)
     scale, b1 = bn_affine(gate.bn)
     w1 = _np(gate.fc1.weight) * scale[:, None]
     z = g.op("Relu", g.op("Gemm", z, g.const(w1, "w1"), g.const(b1, "b1"), transB=1))
@@ -246,11 +309,17 @@ def export_vared(model: VaRedR2Plus1D, frames: int, size: int, execution: str = 
     plans, head_in = plan_units(model, frames, size)
     parts = Parts(output="logits")
     total = len(plans) + 1
+    if model.gate_motion:        # one motion vector per clip, computed first, read by every gate
+        parts.program.run(parts.add("motion", motion_graph(frames, size)), {"clip": "clip"},
+                          {"motion": "motion"})
     for i, plan in enumerate(plans):
         if progress:
             progress(i, total, plan.name)
         conv = plan.unit.conv
         gate = parts.add(f"{plan.name}.gate", gate_graph(plan))
+        gate_inputs = {"x": plan.x}
+        if conv.gate.context_features:
+            gate_inputs["motion"] = "motion"
         inputs = {"x": plan.x}
         if plan.identity is not None:
             inputs["identity"] = plan.identity
@@ -258,7 +327,7 @@ def export_vared(model: VaRedR2Plus1D, frames: int, size: int, execution: str = 
                                                     branch_graph(plan, b, execution)))
                     for b in conv.branches]
         parts.program.switch(plan.name, branches, inputs, {"y": plan.name},
-                             gate=Gate(gate, {"x": plan.x}, "branch", "scores"))
+                             gate=Gate(gate, gate_inputs, "branch", "scores"))
     if progress:
         progress(total - 1, total, "head")
     parts.program.run(parts.add("head", head_graph(model.head, head_in)),

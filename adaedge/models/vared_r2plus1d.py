@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..nn.vared import DynamicConv3d, Triple, efficiency_loss
+from ..nn.vared import DynamicConv3d, Triple, clip_motion, efficiency_loss, motion_features
 from .registry import Family
 
 
@@ -24,10 +24,12 @@ def _round_channels(c: float, step: int) -> int:
     return max(step, int(c / step + 0.5) * step)  # half up: 45 -> 46 at step 2
 
 
-def _dynamic_conv(search_space: int, gate_full_bias: float) -> Callable[..., DynamicConv3d]:
+def _dynamic_conv(search_space: int, gate_full_bias: float, temporal_padding: str = "zeros",
+                  gate_context: int = 0) -> Callable[..., DynamicConv3d]:
     def conv(cin: int, cout: int, kernel: Triple, stride: Triple, padding: Triple) -> DynamicConv3d:
         return DynamicConv3d(cin, cout, kernel, stride, padding, search_space=search_space,
-                             gate_full_bias=gate_full_bias)
+                             gate_full_bias=gate_full_bias, temporal_padding=temporal_padding,
+                             gate_context=gate_context)
     return conv
 
 
@@ -57,12 +59,11 @@ class DynamicUnit(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, step: int, search_space: int,
-                 gate_full_bias: float) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, step: int,
+                 conv: Callable[..., DynamicConv3d]) -> None:
         super().__init__()
         mid1 = _round_channels((cin * cout * 27) // (cin * 9 + 3 * cout), step)
         mid2 = _round_channels((cout * cout * 27) // (cout * 9 + 3 * cout), step)
-        conv = _dynamic_conv(search_space, gate_full_bias)
         self.conv1_s = DynamicUnit(conv(cin, mid1, (1, 3, 3), (1, stride, stride), (0, 1, 1)))
         self.conv1_t = DynamicUnit(conv(mid1, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0)))
         self.conv2_s = DynamicUnit(conv(cout, mid2, (1, 3, 3), (1, 1, 1), (0, 1, 1)))
@@ -98,7 +99,8 @@ class VaRedR2Plus1D(nn.Module):
     def __init__(self, num_classes: int = 400, frames: int = 8, size: int = 112,
                  layers: Sequence[int] = (2, 2, 2, 2), widths: Sequence[int] = (64, 128, 256, 512),
                  stem_width: int = 45, width_mult: float = 1.0, search_space: int = 2,
-                 gate_full_bias: float = 0.5, dropout: float = 0.0) -> None:
+                 gate_full_bias: float = 0.5, dropout: float = 0.0,
+                 temporal_padding: str = "zeros", gate_motion: bool = False) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError("layers and widths must have the same length")
@@ -107,7 +109,9 @@ class VaRedR2Plus1D(nn.Module):
         self.size = int(size)
         self.num_classes = int(num_classes)
         self.search_space = int(search_space)
-        conv = _dynamic_conv(search_space, gate_full_bias)
+        self.gate_motion = bool(gate_motion)
+        context = motion_features(3, self.size, self.size) if self.gate_motion else 0
+        conv = _dynamic_conv(search_space, gate_full_bias, temporal_padding, context)
         ws = [_round_channels(w * width_mult, step) for w in widths]
         stem = _round_channels(stem_width * width_mult, step)
         self.stem_s = DynamicUnit(conv(3, stem, (1, 7, 7), (1, 2, 2), (0, 3, 3)))
@@ -118,7 +122,7 @@ class VaRedR2Plus1D(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(cin, w, stride, step, search_space, gate_full_bias))
+                blocks.append(BasicBlock(cin, w, stride, step, conv))
                 cin = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
@@ -147,6 +151,10 @@ class VaRedR2Plus1D(nn.Module):
             m.force = force
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_motion:       # one motion vector per clip, read by every gate
+            motion = clip_motion(x)
+            for _, layer in self.dynamic_layers():
+                layer.gate.context = motion
         x = self.stem_t(self.stem_s(x))
         for block in self.blocks():
             x = block(x)
@@ -185,7 +193,10 @@ class VaRedR2Plus1D(nn.Module):
 
 def vared_r2plus1d_18(**config: object) -> VaRedR2Plus1D:
     """VA-RED² R(2+1)D-18. Keyword config: num_classes, frames, size, widths, stem_width,
-    width_mult, layers, search_space, gate_full_bias, dropout."""
+    width_mult, layers, search_space, gate_full_bias, dropout, temporal_padding ("zeros", the
+    paper's, or "replicate": edge frames repeated, so that the temporal branch is exact on a
+    still scene), gate_motion (every gate also reads the clip's motion,
+    :func:`~adaedge.nn.vared.clip_motion`, computed once per clip; an extension)."""
     return VaRedR2Plus1D(**config)  # type: ignore[arg-type]
 
 

@@ -23,6 +23,15 @@ exporter folds into one static graph per branch.
 Training mixes the branches weighted by the gate (poster, Y = sum_j V_t[j] sum_i V_c[i] f(X; R_j,
 r_i)); evaluation takes the single branch the gate picks (arg-max of each policy), per clip.
 
+``temporal_padding = "replicate"`` (an option, not the paper's) pads time by repeating the edge
+frames instead of zeros: a clip whose frames are all equal then has equal frames at every layer,
+so "compute every other frame, copy the rest" is exact on a still scene (with zero padding the
+first and last frames differ from the inner ones and copying moves that difference inside).
+``gate_context`` (an extension of the paper's gate) gives every gate a vector computed once per
+clip beside GAP(X): the network's :func:`clip_motion`, how much each cell of a coarse grid of
+the clip changes from frame to frame. The averages of a still and a panning clip of one scene
+are nearly equal at every layer; their frame differences are not.
+
 ``mix = "hard"`` is a training alternative (not the paper's): the forward pass is the one branch a
 Gumbel-perturbed arg-max of the logits picks, as in evaluation, and the gradient reaches the gate
 through the policies' softmax (straight-through). The soft mix scales outputs by the unnormalised
@@ -40,6 +49,30 @@ import torch.nn.functional as F
 from torch import nn
 
 Triple = Tuple[int, int, int]
+TEMPORAL_PADDINGS = ("zeros", "replicate")
+
+
+MOTION_GRID = 4          # clip_motion's grid: 4 x 4 cells per frame
+MOTION_FLOOR = 1e-3      # clip_motion reads log(floor + difference)
+
+
+def clip_motion(clip: torch.Tensor, grid: int = MOTION_GRID) -> torch.Tensor:
+    """How much a clip moves, per channel and grid cell: log(floor + mean_t |P[t+1] - P[t]|) with
+    P the clip average-pooled to ``grid`` x ``grid`` cells per frame; (N, C * grid^2), zeros
+    for a single frame. The logarithm spreads sensor noise (about 0.01) and a pan (about 0.3)
+    apart. Computed once per clip and read by every gate."""
+    n, c, t, h, w = clip.shape
+    kh, kw = max(1, h // grid), max(1, w // grid)
+    p = F.avg_pool3d(clip, (1, kh, kw), (1, kh, kw))[:, :, :, :grid, :grid]
+    if t < 2:
+        return torch.zeros(n, c * p.shape[3] * p.shape[4], dtype=clip.dtype, device=clip.device)
+    d = (p[:, :, 1:] - p[:, :, :-1]).abs().mean(dim=2)
+    return torch.log(d + MOTION_FLOOR).flatten(1)
+
+
+def motion_features(channels: int, height: int, width: int, grid: int = MOTION_GRID) -> int:
+    """The length of :func:`clip_motion`'s vector for clips of this shape."""
+    return channels * min(grid, height) * min(grid, width)
 
 
 def _triple(v: Union[int, Sequence[int]]) -> Triple:
@@ -76,16 +109,21 @@ class Branch:
 class SoftModulationGate(nn.Module):
     """p(X) = max(tanh(FC2(ReLU(BN(FC1(GAP(X))))) + beta), 0), split into temporal and channel scores.
 
-    ``beta`` is the per-layer bias beta_p^l of the poster; FC2 has no bias of its own.
+    ``beta`` is the per-layer bias beta_p^l of the poster; FC2 has no bias of its own. With
+    ``context`` > 0 the features are [GAP(X), c], c a vector of that length computed once per
+    clip (:func:`clip_motion`, set in ``self.context`` before each forward pass): an extension
+    of the paper's gate that lets it tell a still clip from a moving one.
     """
 
     def __init__(self, in_channels: int, temporal_choices: int, channel_choices: int,
-                 hidden: Optional[int] = None, full_bias: float = 0.5) -> None:
+                 hidden: Optional[int] = None, full_bias: float = 0.5, context: int = 0) -> None:
         super().__init__()
         self.temporal_choices = temporal_choices
         self.channel_choices = channel_choices
+        self.context_features = int(context)
+        self.context: Optional[torch.Tensor] = None
         hidden = hidden or max(8, in_channels // 4)
-        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.fc1 = nn.Linear(in_channels + self.context_features, hidden, bias=False)
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, temporal_choices + channel_choices, bias=False)
         beta = torch.zeros(temporal_choices + channel_choices)
@@ -93,10 +131,24 @@ class SoftModulationGate(nn.Module):
         beta[temporal_choices] = full_bias    # channel: all filters preferred at start
         self.beta = nn.Parameter(beta)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """GAP(x) as (N, C), with the clip's context vector beside it when the gate reads one."""
+        pooled = x.mean(dim=(2, 3, 4))
+        if not self.context_features:
+            return pooled
+        if self.context is None or tuple(self.context.shape) != (x.shape[0],
+                                                                 self.context_features):
+            raise RuntimeError("this gate reads a context vector per clip: set gate.context "
+                               f"to an (N, {self.context_features}) tensor first")
+        return torch.cat([pooled, self.context.to(pooled.dtype)], dim=1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """z = FC2(ReLU(BN(FC1(GAP(x))))) + beta, before the squashing."""
-        z = F.relu(self.bn(self.fc1(x.mean(dim=(2, 3, 4)))))
-        return self.fc2(z) + self.beta
+        """z = FC2(ReLU(BN(FC1(features(x))))) + beta, before the squashing."""
+        return self.logits_of_features(self.features(x))
+
+    def logits_of_features(self, f: torch.Tensor) -> torch.Tensor:
+        """z from the features :meth:`features` computed."""
+        return self.fc2(F.relu(self.bn(self.fc1(f)))) + self.beta
 
     @staticmethod
     def squash(logits: torch.Tensor) -> torch.Tensor:
@@ -133,10 +185,14 @@ class DynamicConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
                  stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
                  search_space: int = 2, gate_hidden: Optional[int] = None,
-                 gate_full_bias: float = 0.5, activation: bool = False) -> None:
+                 gate_full_bias: float = 0.5, activation: bool = False,
+                 temporal_padding: str = "zeros", gate_context: int = 0) -> None:
         super().__init__()
         if search_space < 1:
             raise ValueError("search_space must be at least 1")
+        if temporal_padding not in TEMPORAL_PADDINGS:
+            raise ValueError(f"temporal_padding must be one of {', '.join(TEMPORAL_PADDINGS)}, "
+                             f"not {temporal_padding!r}")
         step = 2 ** (search_space - 1)
         if out_channels % step:
             raise ValueError(f"out_channels={out_channels} is not divisible by 2^(S-1)={step}")
@@ -147,11 +203,12 @@ class DynamicConv3d(nn.Module):
         self.padding = _triple(padding)
         self.search_space = search_space
         self.activation = activation
+        self.temporal_padding = temporal_padding
         self.conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, self.stride,
                               self.padding, bias=False)
         self.bn = nn.BatchNorm3d(out_channels)
         self.gate = SoftModulationGate(in_channels, search_space, search_space, gate_hidden,
-                                       gate_full_bias)
+                                       gate_full_bias, context=gate_context)
         # channel_fill[c-1]: from the first out/2^c filters to the remaining ones (depthwise,
         # channel multiplier 2^c - 1).
         self.channel_fill = nn.ModuleList()
@@ -199,6 +256,23 @@ class DynamicConv3d(nn.Module):
         s = self.search_space
         return tuple(Branch(t * s + c, t, c) for t in range(s) for c in range(s))
 
+    @property
+    def conv_padding(self) -> Triple:
+        """The padding the convolution itself applies (time is padded before it when
+        replicating edge frames)."""
+        if self.temporal_padding == "replicate":
+            return (0, self.padding[1], self.padding[2])
+        return self.padding
+
+    def pad_time(self, x: torch.Tensor) -> torch.Tensor:
+        """x with ``padding[0]`` edge frames repeated at each end (``temporal_padding =
+        "replicate"``), else x (the convolution pads with zeros)."""
+        pt = self.padding[0]
+        if self.temporal_padding != "replicate" or pt == 0:
+            return x
+        return torch.cat([x[:, :, :1].expand(-1, -1, pt, -1, -1), x,
+                          x[:, :, -1:].expand(-1, -1, pt, -1, -1)], dim=2)
+
     def output_frames(self, frames: int) -> int:
         k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
         return (frames + 2 * p - k) // s + 1
@@ -208,7 +282,8 @@ class DynamicConv3d(nn.Module):
         computed = self.out_channels // 2 ** branch.c
         r = branch.temporal_factor
         stride = (self.stride[0] * r, self.stride[1], self.stride[2])
-        y = F.conv3d(x, self.conv.weight[:computed], None, stride, self.padding)
+        y = F.conv3d(self.pad_time(x), self.conv.weight[:computed], None, stride,
+                     self.conv_padding)
         bn = self.bn
         y = F.batch_norm(y, bn.running_mean[:computed] if bn.running_mean is not None else None,
                          bn.running_var[:computed] if bn.running_var is not None else None,

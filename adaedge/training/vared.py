@@ -42,6 +42,7 @@ from ..data.camera import CLASSES as CAMERA_CLASSES
 from ..data.camera import CameraDataset
 from ..models.registry import KINETICS_MEAN, KINETICS_STD
 from ..models.vared_r2plus1d import VaRedR2Plus1D
+from ..nn.vared import DynamicConv3d
 
 Log = Callable[[str], None]
 
@@ -58,10 +59,12 @@ CAMERA_MOVING = ("pan_left", "pan_right", "tilt_up", "tilt_down", "zoom_in", "zo
 class TrainConfig:
     out: str = "demo.pt"
     data: str = "camera"
-    frames: int = 8
+    frames: int = 16
     size: int = 40
     width_mult: float = 0.75
     layers: Sequence[int] = (1, 1, 1, 1)
+    temporal_padding: str = "replicate"
+    gate_motion: bool = True
     train_clips: int = 12000
     test_clips: int = 900
     batch: int = 32
@@ -143,24 +146,29 @@ def normalise(clips: np.ndarray) -> np.ndarray:
     return (clips - mean) / std
 
 
-def init_model(cfg: TrainConfig) -> VaRedR2Plus1D:
-    """The model of checkpoint ``cfg.init``, which must fit ``cfg`` (data, frames, size, width,
-    blocks); its making is recorded in ``cfg.made_from`` for the new card."""
+def init_model(cfg: TrainConfig, log: Log = print) -> VaRedR2Plus1D:
+    """The model ``cfg`` describes, started from the weights of checkpoint ``cfg.init``, which
+    must be a VA-RED² network of the same data, width and blocks. Frames, size and temporal
+    padding may differ (the network is convolutional in time and space, so the weights apply to
+    any clip shape: a model trained on 8 frames can be fine-tuned on 16); gates whose shape
+    differs (another gate input) start afresh. Its making is recorded in ``cfg.made_from``."""
     assert cfg.init is not None
-    model = models.load_model(cfg.init)
-    _, meta = models.read_checkpoint(cfg.init)
-    want = build_model(cfg)
-    if not isinstance(model, VaRedR2Plus1D) or \
-            {k: tuple(v.shape) for k, v in model.state_dict().items()} != \
-            {k: tuple(v.shape) for k, v in want.state_dict().items()} or \
-            (model.frames, model.size) != (want.frames, want.size) or \
+    theirs, meta = models.read_checkpoint(cfg.init)
+    model = build_model(cfg)
+    mine = model.state_dict()
+    fits = {k: v.to(mine[k].dtype) for k, v in theirs.items()
+            if k in mine and tuple(v.shape) == tuple(mine[k].shape)}
+    misfits = sorted(k for k in mine if k not in fits)
+    if meta.get("model") not in (None, "vared_r2plus1d_18") or \
+            any(".gate." not in k for k in misfits) or \
             list(meta.get("labels") or []) != list(classes(cfg)):
         raise CheckpointError(f"--init {cfg.init} is not a VA-RED² checkpoint of this configuration "
-                         f"(--data {cfg.data}, --frames {cfg.frames}, --size {cfg.size}, "
-                         f"--width-mult {cfg.width_mult:g}, --layers "
-                         f"{','.join(map(str, cfg.layers))})")
-    for _, layer in model.dynamic_layers():
-        layer.mix = "hard"
+                              f"(--data {cfg.data}, --width-mult {cfg.width_mult:g}, --layers "
+                              f"{','.join(map(str, cfg.layers))})")
+    model.load_state_dict(fits, strict=False)
+    if misfits:
+        log(f"--init {cfg.init}: {len({k.rsplit('.gate.', 1)[0] for k in misfits})} gates do not "
+            "fit this configuration and start afresh")
     cfg.made_from = [str(c) for c in meta.get("made_by") or [meta.get("command", "")] if c]
     cfg.minutes_before = float(meta.get("train_minutes") or 0.0)
     return model
@@ -169,7 +177,8 @@ def init_model(cfg: TrainConfig) -> VaRedR2Plus1D:
 def build_model(cfg: TrainConfig) -> VaRedR2Plus1D:
     torch.manual_seed(cfg.seed)
     model = models.create("vared_r2plus1d_18", num_classes=len(classes(cfg)), frames=cfg.frames,
-                          size=cfg.size, width_mult=cfg.width_mult, layers=list(cfg.layers))
+                          size=cfg.size, width_mult=cfg.width_mult, layers=list(cfg.layers),
+                          temporal_padding=cfg.temporal_padding, gate_motion=cfg.gate_motion)
     assert isinstance(model, VaRedR2Plus1D)
     for _, layer in model.dynamic_layers():
         layer.mix = "hard"
@@ -226,6 +235,136 @@ def gate_targets(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor,
     for i in reversed(cheapest_first):             # the cheapest acceptable branch wins
         target = torch.where(ok[i], torch.tensor(i), target)
     return target, loss
+
+
+def gate_examples(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor, margin: float
+                  ) -> "tuple[torch.Tensor, List[torch.Tensor]]":
+    """Per clip the target branch (:func:`gate_targets`' rule), and per gate the features it
+    reads (:meth:`SoftModulationGate.features`) on the path the target forces: what each gate
+    must learn to map to the target. The backbone is frozen in the gates' phase, so these are
+    computed once per clip and the gates learn from them for many epochs at almost no cost."""
+    layers = [m for _, m in model.dynamic_layers()]
+    branches = layers[0].branches
+    seen: Dict[int, torch.Tensor] = {}
+
+    def hook(mod: torch.nn.Module, inp: "tuple[torch.Tensor, ...]") -> None:
+        assert isinstance(mod, DynamicConv3d)
+        seen[id(mod)] = mod.gate.features(inp[0])
+
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    costs = [b.channel_ratio / b.temporal_factor for b in branches]
+    losses, right, feats = [], [], []
+    try:
+        with torch.no_grad():
+            for b in branches:
+                seen.clear()
+                model.set_policy(b.index)
+                logits = model(xb)
+                losses.append(F.cross_entropy(logits, yb, reduction="none"))
+                right.append(logits.argmax(1) == yb)
+                feats.append([seen[id(m)] for m in layers])
+    finally:
+        model.set_policy(None)
+        for h in hooks:
+            h.remove()
+    loss = torch.stack(losses)
+    ok = torch.stack(right) & (loss <= loss[0] + margin)
+    ok[0] = True
+    target = torch.zeros(xb.shape[0], dtype=torch.long)
+    for i in sorted(range(len(branches)), key=lambda i: costs[i], reverse=True):
+        target = torch.where(ok[i], torch.tensor(i), target)   # the cheapest acceptable wins
+    rows = torch.arange(xb.shape[0])
+    per_gate = [torch.stack([feats[b][k] for b in range(len(branches))])[target, rows]
+                for k in range(len(layers))]
+    return target, per_gate
+
+
+def fit_gates(model: VaRedR2Plus1D, target: torch.Tensor, features: List[torch.Tensor],
+              minutes: float, lr: float, seed: int, log: Log, batch: int = 256) -> List[float]:
+    """Every gate learns its clips' target branch from the features it reads (cross-entropy of
+    its temporal and its channel policy), Adam with a cosine rate; returns the loss per step."""
+    layers = [m for _, m in model.dynamic_layers()]
+    s = layers[0].search_space
+    t_target = target // s
+    c_target = target % s
+    params = [p for m in layers for p in m.gate.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(target)
+    steps = max(50, min(4000, int(minutes * 60 * 200)))     # ~200 steps/s; bounded by time below
+    t0 = time.perf_counter()
+    losses: List[float] = []
+    for m in layers:
+        m.gate.train()
+    for step in range(steps):
+        if time.perf_counter() - t0 > minutes * 60:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(n, (min(batch, n),), generator=gen)
+        loss = torch.zeros(())
+        for k, m in enumerate(layers):
+            z = m.gate.logits_of_features(features[k][idx])
+            loss = loss + F.cross_entropy(z[:, :s], t_target[idx]) + \
+                F.cross_entropy(z[:, s:], c_target[idx])
+        loss = loss / len(layers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 500 == 0:
+            log(f"gates step {step + 1}/{steps}  gate loss {np.mean(losses[-500:]):.4f}")
+    for m in layers:
+        m.gate.eval()
+    return losses
+
+
+def _gates_phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+                 minutes: float, log: Log) -> "tuple[float, List[float]]":
+    """The gates' phase with branch targets: per clip the target and each gate's features
+    (:func:`gate_examples`, 70% of the time), then every gate fitted to them (the rest)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = classes(cfg)
+    branches = model.dynamic_layers()[0][1].branches
+    t0 = time.perf_counter()
+    targets: List[torch.Tensor] = []
+    feats: List[List[torch.Tensor]] = []
+    labels: List[np.ndarray] = []
+    order = np.random.default_rng((cfg.seed, 7)).permutation(len(x))
+    for b in range(0, len(x), cfg.batch):
+        if time.perf_counter() - t0 > 0.7 * minutes * 60 and targets:
+            break
+        idx = order[b:b + cfg.batch]
+        xb = torch.from_numpy(normalise(x[idx]))
+        target, per_gate = gate_examples(model, xb, torch.from_numpy(y[idx]), cfg.margin)
+        targets.append(target)
+        feats.append(per_gate)
+        labels.append(y[idx])
+        done = sum(len(t) for t in targets)
+        if len(targets) % 10 == 0:
+            log(f"gate targets: {done} clips, {(time.perf_counter() - t0) / 60:.1f} min")
+    target = torch.cat(targets)
+    features = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
+    lab = np.concatenate(labels)
+    for k, c in enumerate(names):
+        mine = target[torch.from_numpy(lab == k)]
+        if len(mine):
+            share = ", ".join(f"{BRANCH_WORDS.get(br.name, br.name)} "
+                              f"{float((mine == br.index).float().mean()) * 100:.0f}%"
+                              for br in branches)
+            log(f"targets of {c} ({len(mine)} clips): {share}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, m in model.dynamic_layers():
+        for p in m.gate.parameters():
+            p.requires_grad_(True)
+    left = max(minutes - (time.perf_counter() - t0) / 60, 0.05)
+    losses = fit_gates(model, target, features, left, cfg.gate_lr, cfg.seed, log)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return len(target) / len(x), losses
 
 
 def gate_target_loss(model: VaRedR2Plus1D, target: torch.Tensor) -> torch.Tensor:
@@ -400,7 +539,7 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
     log(f"rendering {cfg.train_clips} training clips of the {cfg.data} data set "
         f"({cfg.frames}x{cfg.size}x{cfg.size}) ...")
     x_train, y_train = clips_uint8(cfg, "train", cfg.train_clips)
-    model = build_model(cfg) if cfg.init is None else init_model(cfg)
+    model = build_model(cfg) if cfg.init is None else init_model(cfg, log)
     costs = model.layer_costs()
     rng = np.random.default_rng(cfg.seed)
     log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters for "
@@ -419,17 +558,28 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
             continue
         left = cfg.minutes - (time.perf_counter() - t_train) / 60
         minutes = left if name == "gates" else cfg.minutes * shares[name]
-        done, phase_losses = _phase(model, x_train, y_train, cfg, name, max(minutes, 0.05),
-                                    rates[name], costs, rng, log)
+        if name == "gates" and cfg.gates == "targets":
+            done, phase_losses = _gates_phase(model, x_train, y_train, cfg, max(minutes, 0.05),
+                                              log)
+        else:
+            done, phase_losses = _phase(model, x_train, y_train, cfg, name, max(minutes, 0.05),
+                                        rates[name], costs, rng, log)
         epochs[name] = done
         losses += phase_losses
     train_minutes = (time.perf_counter() - t_train) / 60
     del x_train
-    log("trained " + " + ".join(f"{e:.1f} {n}" for n, e in epochs.items()) +
-        f" epochs in {train_minutes:.1f} min; evaluating on ONNX Runtime ...")
     model.eval()
     if cfg.float16:
         round_to_float16(model)
+    # Saved before the evaluation, so that a failure there never loses the training.
+    models.save_checkpoint(model, cfg.out, extra={"labels": list(classes(cfg)),
+                                                  "command": cfg.command,
+                                                  "made_by": cfg.made_from + [cfg.command],
+                                                  "train_minutes": cfg.minutes_before +
+                                                  train_minutes},
+                           float16=cfg.float16)
+    log("trained " + " + ".join(f"{e:.1f} {n}" for n, e in epochs.items()) +
+        f" epochs in {train_minutes:.1f} min; evaluating on ONNX Runtime ...")
     result = evaluate(model, cfg)
     result.epochs, result.minutes, result.losses = sum(epochs.values()), train_minutes, losses
     save(model, cfg, result)
@@ -589,6 +739,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", type=int, default=d.size)
     p.add_argument("--width-mult", type=float, default=d.width_mult)
     p.add_argument("--layers", default="1,1,1,1", help="blocks per stage")
+    p.add_argument("--temporal-padding", choices=("zeros", "replicate"), default=d.temporal_padding,
+                   help="pad time with zeros (the paper's) or by repeating the edge frames "
+                        "(default: the temporal branch is then exact on a still scene)")
+    p.add_argument("--gate-motion", action=argparse.BooleanOptionalAction, default=d.gate_motion,
+                   help="gates also read GAP(|X[t+1] - X[t]|) (default; an extension of the "
+                        "paper's gate)")
     p.add_argument("--train-clips", type=int, default=d.train_clips)
     p.add_argument("--test-clips", type=int, default=d.test_clips)
     p.add_argument("--batch", type=int, default=d.batch)
@@ -611,16 +767,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "full pass's answers (joint, default) or not (sandwich), or only the cheap "
                         "operations under random branches per layer (frozen)")
     p.add_argument("--init", metavar="CHECKPOINT",
-                   help="start from this checkpoint's weights (same --data, --frames, --size, "
-                        "--width-mult, --layers); with --static-share 0 --branch-share 0 only the "
-                        "gates learn. The card records the commands that made it")
+                   help="start from this checkpoint's weights (same --data, --width-mult, "
+                        "--layers; frames, size and temporal padding may differ, so a model "
+                        "trained on 8 frames can be fine-tuned on 16); with --static-share 0 "
+                        "--branch-share 0 only the gates learn. The card records the commands "
+                        "that made it")
     p.add_argument("--float32", action="store_true",
                    help="store float32 weights (default: float16, half the file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     cfg = TrainConfig(out=args.out, data=args.data, frames=args.frames, size=args.size,
-                      width_mult=args.width_mult,
+                      width_mult=args.width_mult, temporal_padding=args.temporal_padding,
+                      gate_motion=args.gate_motion,
                       layers=tuple(int(v) for v in args.layers.split(",")),
                       train_clips=args.train_clips, test_clips=args.test_clips, batch=args.batch,
                       lr=args.lr, gates=args.gates, margin=args.margin, gate_lr=args.gate_lr,

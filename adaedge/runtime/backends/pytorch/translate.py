@@ -127,6 +127,7 @@ def _elementwise(fn: Callable[..., Any]) -> Op:
 
 _ELEMENTWISE: Dict[str, Callable[..., Any]] = {
                    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Abs": torch.abs,
+                   "Log": torch.log,
                    "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh,
                    "Ceil": torch.ceil, "Equal": torch.eq, "Less": torch.lt, "Where": torch.where,
                    "MatMul": torch.matmul, "Identity": lambda x: x}
@@ -276,6 +277,16 @@ def _scatter_nd(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
     return out
 
 
+@_op("Expand")
+def _expand(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
+    shape = m.ints(node.inputs[1], node.name)
+    x = xs[0]
+    if len(shape) > x.dim():
+        x = x.reshape((1,) * (len(shape) - x.dim()) + tuple(x.shape))
+    target = [1] * (x.dim() - len(shape)) + list(shape)
+    return x.expand([-1 if b == 1 else b for b in target])   # numpy broadcasting of x to shape
+
+
 @_op("Pad")
 def _pad(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
     names, a, n = node.inputs, node.attrs, node.name
@@ -291,6 +302,9 @@ def _pad(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
     for d in reversed(range(k)):
         flat += [pads[d], pads[d + k]]
     torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[mode]
+    if mode != "constant":      # torch pads only the last dims in these modes: drop the leading
+        while len(flat) > 2 and flat[-1] == flat[-2] == 0:    # dims that are not padded
+            flat = flat[:-2]
     return F.pad(x, flat, mode=torch_mode, value=value if mode == "constant" else None)
 
 
