@@ -84,7 +84,7 @@ def test_a_still_clip_has_equal_frames_at_every_layer_with_replicated_edges():
 
 def test_clip_motion_is_the_floor_for_a_still_clip_and_rises_with_motion():
     still = still_clips(2, frames=8)
-    assert torch.allclose(clip_motion(still), torch.full((2, 48), float(np.log(MOTION_FLOOR))))
+    assert torch.allclose(clip_motion(still), torch.full((2, 51), float(np.log(MOTION_FLOOR))))
     moving = torch.roll(still, shifts=0, dims=2).clone()
     for t in range(8):
         moving[:, :, t] = torch.roll(still[:, :, t], shifts=2 * t, dims=-1)
@@ -125,7 +125,7 @@ def test_still_scene_options_export_and_verify_every_branch(tmp_path, backend):
 
 def test_gates_that_read_motion_tell_a_still_clip_from_a_moving_one_in_the_bundle(tmp_path):
     """Gates set by hand to read only the motion: hidden unit h = -sum(clip_motion) (331 for a
-    still clip, whose motion is the floor log(1e-3) in all 48 cells; about 110 for these moving
+    still clip, whose motion is the floor log(1e-3) in all 51 features; about 110 for these moving
     ones), temporal logits (150, h): still clips take every other frame, moving ones the full
     branch, on ONNX Runtime as in PyTorch."""
     model = trained_like(temporal_padding="replicate", gate_motion=True)

@@ -161,7 +161,7 @@ def motion_graph(frames: int, size: int, grid: int = MOTION_GRID) -> onnx.ModelP
     if frames < 2:
         zero = g.op("Mul", g.op("Flatten", g.op("GlobalAveragePool", x), axis=1),
                     g.const(np.zeros((), np.float32), "zero"))
-        g.output(g.op("Tile", zero, g.const([1, cells * cells], "reps", "int64")), "motion")
+        g.output(g.op("Tile", zero, g.const([1, cells * cells + 1], "reps", "int64")), "motion")
         return g.model()
     p = g.op("AveragePool", x, kernel_shape=[1, k, k], strides=[1, k, k])
     if size // k != cells:
@@ -172,9 +172,10 @@ def motion_graph(frames: int, size: int, grid: int = MOTION_GRID) -> onnx.ModelP
         return g.op("Slice", p, g.const([start], "s", "int64"), g.const([stop], "e", "int64"),
                     g.const([2], "a", "int64"))
     d = g.op("Abs", g.op("Sub", frames_(1, frames), frames_(0, frames - 1)))
-    d = g.op("ReduceMean", d, axes=[2], keepdims=0)
-    d = g.op("Log", g.op("Add", d, g.const(np.array(MOTION_FLOOR, np.float32), "floor")))
-    g.output(g.op("Flatten", d, axis=1), "motion")
+    floor = g.const(np.array(MOTION_FLOOR, np.float32), "floor")
+    mean = g.op("Log", g.op("Add", g.op("ReduceMean", d, axes=[2], keepdims=0), floor))
+    peak = g.op("Log", g.op("Add", g.op("ReduceMax", d, axes=[2, 3, 4], keepdims=0), floor))
+    g.output(g.op("Concat", g.op("Flatten", mean, axis=1), peak, axis=1), "motion")
     return g.model()
 
 

@@ -57,22 +57,27 @@ MOTION_FLOOR = 1e-3      # clip_motion reads log(floor + difference)
 
 
 def clip_motion(clip: torch.Tensor, grid: int = MOTION_GRID) -> torch.Tensor:
-    """How much a clip moves, per channel and grid cell: log(floor + mean_t |P[t+1] - P[t]|) with
-    P the clip average-pooled to ``grid`` x ``grid`` cells per frame; (N, C * grid^2), zeros
-    for a single frame. The logarithm spreads sensor noise (about 0.01) and a pan (about 0.3)
-    apart. Computed once per clip and read by every gate."""
+    """How much a clip moves: with P the clip average-pooled to ``grid`` x ``grid`` cells per
+    frame and D = |P[t+1] - P[t]|, per channel and cell log(floor + mean_t D), then per channel
+    log(floor + max over cells and frames of D) (a small object crossing one cell for a few
+    frames shows there); (N, C * (grid^2 + 1)), zeros for a single frame. The logarithm spreads
+    sensor noise (about 0.01) and a pan (about 0.3) apart. Computed once per clip and read by
+    every gate."""
     n, c, t, h, w = clip.shape
     kh, kw = max(1, h // grid), max(1, w // grid)
     p = F.avg_pool3d(clip, (1, kh, kw), (1, kh, kw))[:, :, :, :grid, :grid]
     if t < 2:
-        return torch.zeros(n, c * p.shape[3] * p.shape[4], dtype=clip.dtype, device=clip.device)
-    d = (p[:, :, 1:] - p[:, :, :-1]).abs().mean(dim=2)
-    return torch.log(d + MOTION_FLOOR).flatten(1)
+        return torch.zeros(n, c * (p.shape[3] * p.shape[4] + 1), dtype=clip.dtype,
+                           device=clip.device)
+    d = (p[:, :, 1:] - p[:, :, :-1]).abs()
+    mean = torch.log(d.mean(dim=2) + MOTION_FLOOR).flatten(1)
+    peak = torch.log(d.amax(dim=(2, 3, 4)) + MOTION_FLOOR)
+    return torch.cat([mean, peak], dim=1)
 
 
 def motion_features(channels: int, height: int, width: int, grid: int = MOTION_GRID) -> int:
     """The length of :func:`clip_motion`'s vector for clips of this shape."""
-    return channels * min(grid, height) * min(grid, width)
+    return channels * (min(grid, height) * min(grid, width) + 1)
 
 
 def _triple(v: Union[int, Sequence[int]]) -> Triple:

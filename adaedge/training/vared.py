@@ -22,6 +22,7 @@ Runtime over the test split, reporting top-1 and mean GFLOPs per clip for each c
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import sys
 import tempfile
@@ -65,6 +66,8 @@ class TrainConfig:
     layers: Sequence[int] = (1, 1, 1, 1)
     temporal_padding: str = "replicate"
     gate_motion: bool = True
+    gate_candidates: Sequence[str] = ()     # branches a gate target may be (empty: every one)
+    gate_full_weight: float = 3.0           # weight of full-branch targets in the gates' loss
     train_clips: int = 12000
     test_clips: int = 900
     batch: int = 32
@@ -85,6 +88,9 @@ class TrainConfig:
     threads: Optional[int] = None
     command: str = ""
     init: Optional[str] = None     # start from this checkpoint's weights (e.g. only the gates)
+    resume: bool = False           # continue an interrupted run from resume_path(out)
+    train_started_s: float = 0.0   # training seconds before the running phase (for resume)
+    save_every_minutes: float = 2.0   # how often the resume state is written
     made_from: List[str] = field(default_factory=list)   # the commands that made cfg.init
     minutes_before: float = 0.0                           # and their training minutes
 
@@ -100,6 +106,7 @@ class TrainResult:
 
     accuracy_per_class: Dict[str, float] = field(default_factory=dict)
     branch_share: Dict[str, float] = field(default_factory=dict)
+    branch_share_per_class: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     @property
     def still_gflops(self) -> float:
@@ -237,14 +244,101 @@ def gate_targets(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor,
     return target, loss
 
 
-def gate_examples(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor, margin: float
-                  ) -> "tuple[torch.Tensor, List[torch.Tensor]]":
+def fit_channel_fills(model: VaRedR2Plus1D, x: np.ndarray, clips: int = 256, batch: int = 16,
+                      log: Log = print) -> Dict[str, float]:
+    """Teach every layer's channel fill locally (issue: "the channel branch can be taught
+    locally"): each cheap operation Phi^c (a depthwise 3x3 from computed map k to the missing
+    map k + C/2) is the least-squares fit of the frozen full layer's missing maps from its
+    computed ones, on the full network's own inputs to that layer; before the layer's ReLU
+    (the fill's output is activated like the full layer's). One pass over ``clips`` clips, all
+    layers at once, closed form (10 unknowns per map). Returns per layer the share of the
+    missing maps' variance the fill explains (R^2, before the ReLU)."""
+    layers = [(n, m) for n, m in model.dynamic_layers() if m.search_space > 1]
+    stats: Dict[int, "list[torch.Tensor]"] = {}
+
+    def hook(mod: torch.nn.Module, inp: "tuple[torch.Tensor, ...]") -> None:
+        assert isinstance(mod, DynamicConv3d)
+        xin = inp[0]
+        full = mod.branches[0]
+        with torch.no_grad():
+            mode = mod.activation
+            mod.activation = False                    # the batch-normed maps, before ReLU
+            z = mod.branch_forward(xin, full)
+            mod.activation = mode
+            half = mod.out_channels // 2
+            computed = torch.relu(z[:, :half]) if mode else z[:, :half]
+            target = z[:, half:]
+            n, c, t, h, w = computed.shape
+            patches = F.unfold(computed.transpose(1, 2).reshape(n * t * c, 1, h, w), 3, padding=1)
+            patches = patches.view(n, t, c, 9, h * w).permute(2, 0, 1, 4, 3).reshape(c, -1, 9)
+            ones = torch.ones(patches.shape[0], patches.shape[1], 1)
+            p = torch.cat([patches, ones], dim=2)                      # (c, samples, 10)
+            tgt = target.transpose(0, 1).reshape(c, -1, 1)            # (c, samples, 1)
+            a, b, yy, ysum, cnt = stats.get(id(mod), [0, 0, 0, 0, 0])
+            stats[id(mod)] = [a + p.transpose(1, 2) @ p, b + p.transpose(1, 2) @ tgt,
+                              yy + (tgt ** 2).sum(dim=(1, 2)), ysum + tgt.sum(dim=(1, 2)),
+                              cnt + tgt.shape[1]]
+
+    hooks = [m.register_forward_pre_hook(hook) for _, m in layers]
+    model.eval()
+    model.set_policy(0)
+    try:
+        with torch.no_grad():
+            for i in range(0, min(clips, len(x)), batch):
+                model(torch.from_numpy(normalise(x[i:i + batch])))
+    finally:
+        model.set_policy(None)
+        for h in hooks:
+            h.remove()
+    explained: Dict[str, float] = {}
+    for name, m in layers:
+        a, b, yy, ysum, cnt = stats[id(m)]
+        ridge = 1e-4 * torch.eye(10) * a.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
+        sol = torch.linalg.solve(a.double() + ridge.double(), b.double()).float()   # (c, 10, 1)
+        fill = m.channel_fill_conv(1)
+        with torch.no_grad():
+            fill.weight.copy_(sol[:, :9, 0].view(-1, 1, 1, 3, 3))
+            assert fill.bias is not None
+            fill.bias.copy_(sol[:, 9, 0])
+        resid = yy - (sol.transpose(1, 2) @ b).view(-1)     # sum (y - p.w)^2 at the optimum
+        var = yy - ysum ** 2 / cnt
+        explained[name] = float(1 - resid.sum() / var.sum().clamp_min(1e-12))
+    log("channel fills fitted locally: R^2 " + ", ".join(f"{n.replace('stages.', 's')} {v:.2f}"
+                                                            for n, v in explained.items()))
+    return explained
+
+
+def branch_accuracy(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, names: Sequence[str],
+                    batch: int = 30) -> Dict[str, Dict[str, float]]:
+    """Top-1 of every branch forced at every gate, overall and per class."""
+    out: Dict[str, Dict[str, float]] = {}
+    layers = [m for _, m in model.dynamic_layers()]
+    model.eval()
+    for b in layers[0].branches:
+        model.set_policy(b.index)
+        preds = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                preds.append(model(torch.from_numpy(normalise(x[i:i + batch]))).argmax(1).numpy())
+        p = np.concatenate(preds)
+        row = {"all": float((p == y).mean())}
+        row.update({c: float((p[y == k] == k).mean()) for k, c in enumerate(names) if (y == k).any()})
+        out[b.name] = row
+    model.set_policy(None)
+    return out
+
+
+def gate_examples(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor, margin: float,
+                  candidates: Sequence[str] = ()) -> "tuple[torch.Tensor, List[torch.Tensor]]":
     """Per clip the target branch (:func:`gate_targets`' rule), and per gate the features it
     reads (:meth:`SoftModulationGate.features`) on the path the target forces: what each gate
     must learn to map to the target. The backbone is frozen in the gates' phase, so these are
-    computed once per clip and the gates learn from them for many epochs at almost no cost."""
+    computed once per clip and the gates learn from them for many epochs at almost no cost.
+    ``candidates`` (branch names) limits the targets to those branches (the full one always
+    among them); each costs one forward pass per clip."""
     layers = [m for _, m in model.dynamic_layers()]
-    branches = layers[0].branches
+    branches = [b for b in layers[0].branches
+                if b.index == 0 or not candidates or b.name in candidates]
     seen: Dict[int, torch.Tensor] = {}
 
     def hook(mod: torch.nn.Module, inp: "tuple[torch.Tensor, ...]") -> None:
@@ -254,6 +348,10 @@ def gate_examples(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor, marg
     hooks = [m.register_forward_pre_hook(hook) for m in layers]
     costs = [b.channel_ratio / b.temporal_factor for b in branches]
     losses, right, feats = [], [], []
+    unknown = sorted(set(candidates) - {b.name for b in layers[0].branches})
+    if unknown:
+        raise ValueError(f"gate candidates {', '.join(unknown)} are not branches (branches: "
+                         f"{', '.join(b.name for b in layers[0].branches)})")
     try:
         with torch.no_grad():
             for b in branches:
@@ -270,19 +368,22 @@ def gate_examples(model: VaRedR2Plus1D, xb: torch.Tensor, yb: torch.Tensor, marg
     loss = torch.stack(losses)
     ok = torch.stack(right) & (loss <= loss[0] + margin)
     ok[0] = True
-    target = torch.zeros(xb.shape[0], dtype=torch.long)
+    pick = torch.zeros(xb.shape[0], dtype=torch.long)     # position in ``branches``
     for i in sorted(range(len(branches)), key=lambda i: costs[i], reverse=True):
-        target = torch.where(ok[i], torch.tensor(i), target)   # the cheapest acceptable wins
+        pick = torch.where(ok[i], torch.tensor(i), pick)       # the cheapest acceptable wins
     rows = torch.arange(xb.shape[0])
-    per_gate = [torch.stack([feats[b][k] for b in range(len(branches))])[target, rows]
+    per_gate = [torch.stack([feats[b][k] for b in range(len(branches))])[pick, rows]
                 for k in range(len(layers))]
-    return target, per_gate
+    return torch.tensor([branches[int(i)].index for i in pick], dtype=torch.long), per_gate
 
 
 def fit_gates(model: VaRedR2Plus1D, target: torch.Tensor, features: List[torch.Tensor],
-              minutes: float, lr: float, seed: int, log: Log, batch: int = 256) -> List[float]:
+              minutes: float, lr: float, seed: int, log: Log, batch: int = 256,
+              full_weight: float = 1.0) -> List[float]:
     """Every gate learns its clips' target branch from the features it reads (cross-entropy of
-    its temporal and its channel policy), Adam with a cosine rate; returns the loss per step."""
+    its temporal and its channel policy), Adam with a cosine rate; returns the loss per step.
+    Clips whose target is the full branch weigh ``full_weight`` (a cheap branch taken where it
+    is wrong costs accuracy; the full one taken where a cheap one would do costs only time)."""
     layers = [m for _, m in model.dynamic_layers()]
     s = layers[0].search_space
     t_target = target // s
@@ -290,23 +391,43 @@ def fit_gates(model: VaRedR2Plus1D, target: torch.Tensor, features: List[torch.T
     params = [p for m in layers for p in m.gate.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    n = len(target)
-    steps = max(50, min(4000, int(minutes * 60 * 200)))     # ~200 steps/s; bounded by time below
-    t0 = time.perf_counter()
+    steps = max(50, min(4000, int(minutes * 60 * 30)))      # ~30 steps/s; bounded by time below
     losses: List[float] = []
     for m in layers:
         m.gate.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # tiny tensors: a second thread only waits (measured: 2 steps in
+    try:                        # 12 s with 2 threads beside other work, 350 with one)
+        _fit_steps(layers, opt, target, t_target, c_target, features, steps, minutes, lr,
+                   full_weight, batch, gen, losses, log)
+    finally:
+        torch.set_num_threads(threads)
+    for m in layers:
+        m.gate.eval()
+    return losses
+
+
+def _fit_steps(layers: List[DynamicConv3d], opt: torch.optim.Optimizer, target: torch.Tensor,
+               t_target: torch.Tensor, c_target: torch.Tensor, features: List[torch.Tensor],
+               steps: int, minutes: float, lr: float, full_weight: float, batch: int,
+               gen: torch.Generator, losses: List[float], log: Log) -> None:
+    s = layers[0].search_space
+    n = len(target)
+    t0 = time.perf_counter()
     for step in range(steps):
         if time.perf_counter() - t0 > minutes * 60:
             break
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(n, (min(batch, n),), generator=gen)
+        weight = torch.where(target[idx] == 0, float(full_weight), 1.0)
+        weight = weight / weight.sum()
         loss = torch.zeros(())
         for k, m in enumerate(layers):
             z = m.gate.logits_of_features(features[k][idx])
-            loss = loss + F.cross_entropy(z[:, :s], t_target[idx]) + \
-                F.cross_entropy(z[:, s:], c_target[idx])
+            ce = F.cross_entropy(z[:, :s], t_target[idx], reduction="none") + \
+                F.cross_entropy(z[:, s:], c_target[idx], reduction="none")
+            loss = loss + (weight * ce).sum()
         loss = loss / len(layers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,15 +435,13 @@ def fit_gates(model: VaRedR2Plus1D, target: torch.Tensor, features: List[torch.T
         losses.append(float(loss.detach()))
         if (step + 1) % 500 == 0:
             log(f"gates step {step + 1}/{steps}  gate loss {np.mean(losses[-500:]):.4f}")
-    for m in layers:
-        m.gate.eval()
-    return losses
 
 
 def _gates_phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
                  minutes: float, log: Log) -> "tuple[float, List[float]]":
     """The gates' phase with branch targets: per clip the target and each gate's features
-    (:func:`gate_examples`, 70% of the time), then every gate fitted to them (the rest)."""
+    (:func:`gate_examples`), then every gate fitted to them (the last 30% of the time, at most
+    3 minutes: 4000 steps take about 2)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -334,11 +453,12 @@ def _gates_phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainC
     labels: List[np.ndarray] = []
     order = np.random.default_rng((cfg.seed, 7)).permutation(len(x))
     for b in range(0, len(x), cfg.batch):
-        if time.perf_counter() - t0 > 0.7 * minutes * 60 and targets:
+        if time.perf_counter() - t0 > (minutes - min(0.3 * minutes, 3.0)) * 60 and targets:
             break
         idx = order[b:b + cfg.batch]
         xb = torch.from_numpy(normalise(x[idx]))
-        target, per_gate = gate_examples(model, xb, torch.from_numpy(y[idx]), cfg.margin)
+        target, per_gate = gate_examples(model, xb, torch.from_numpy(y[idx]), cfg.margin,
+                                         cfg.gate_candidates)
         targets.append(target)
         feats.append(per_gate)
         labels.append(y[idx])
@@ -361,7 +481,8 @@ def _gates_phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainC
         for p in m.gate.parameters():
             p.requires_grad_(True)
     left = max(minutes - (time.perf_counter() - t0) / 60, 0.05)
-    losses = fit_gates(model, target, features, left, cfg.gate_lr, cfg.seed, log)
+    losses = fit_gates(model, target, features, left, cfg.gate_lr, cfg.seed, log,
+                       full_weight=cfg.gate_full_weight)
     for p in model.parameters():
         p.requires_grad_(True)
     return len(target) / len(x), losses
@@ -381,6 +502,49 @@ def gate_target_loss(model: VaRedR2Plus1D, target: torch.Tensor) -> torch.Tensor
         total = total + F.cross_entropy(logits[:, :s], t_target) + \
             F.cross_entropy(logits[:, s:], c_target)
     return total / len(layers)
+
+
+def resume_path(out: str) -> Path:
+    """Where an interrupted ``adaedge train --out OUT`` keeps what ``--resume`` continues from."""
+    return Path(out).with_suffix(".resume.pt")
+
+
+def _resume_key(cfg: TrainConfig) -> Dict[str, Any]:
+    return {"data": cfg.data, "frames": cfg.frames, "size": cfg.size,
+            "width_mult": cfg.width_mult, "layers": list(cfg.layers),
+            "train_clips": cfg.train_clips, "batch": cfg.batch, "seed": cfg.seed,
+            "init": cfg.init or "", "minutes": cfg.minutes, "max_epochs": cfg.max_epochs}
+
+
+def write_resume(cfg: TrainConfig, model: torch.nn.Module, phase: str, step: int, total: int,
+                 epoch: int, batch: int, losses: List[float],
+                 opt: Optional[torch.optim.Optimizer], elapsed: float) -> None:
+    """The run so far (weights, optimizer, position), written atomically beside ``cfg.out``."""
+    path = resume_path(cfg.out)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": _resume_key(cfg), "phase": phase, "step": step, "total": total,
+                "epoch": epoch, "batch": batch, "losses": losses, "elapsed": elapsed,
+                "train_started": cfg.train_started_s,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict() if opt is not None else {}}, tmp)
+    os.replace(tmp, path)
+
+
+def read_resume(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    """The state ``--resume`` continues from, checked against this run's settings."""
+    path = resume_path(cfg.out)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:          # a file we did not write whole: say so, in one line
+        raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}); delete "
+                              "it to start afresh") from None
+    if not isinstance(state, dict) or state.get("key") != _resume_key(cfg):
+        raise CheckpointError(f"--resume: {path} was written by a run with other settings "
+                              "(data, frames, size, width, blocks, clips, batch, seed, --init, "
+                              "--minutes, --max-epochs); run that command again, or delete it")
+    return state
 
 
 def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, name: str,
@@ -428,16 +592,32 @@ def _phase(model: VaRedR2Plus1D, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     step, epochs = 0, 0.0
     total = cfg.max_epochs * steps_per_epoch
     t0 = time.perf_counter()
+    first_epoch, first_batch = 0, 0
+    state = read_resume(cfg) if cfg.resume else None
+    if state is not None and state["phase"] == name and state["step"] > 0:
+        opt.load_state_dict(state["optimizer"])
+        step, total = int(state["step"]), int(state["total"])
+        first_epoch, first_batch = int(state["epoch"]), int(state["batch"])
+        losses = [float(v) for v in state["losses"]]
+        t0 -= float(state["elapsed"])
+        log(f"{name}: resuming at step {step} (epoch {first_epoch + 1}, "
+            f"{float(state['elapsed']) / 60:.1f} min done)")
+    saved_at = time.perf_counter()
     run_loss, run_acc, n = 0.0, 0.0, 0
     run_cost = 0.0
     done = False
-    for epoch in range(cfg.max_epochs):
-        order = rng.permutation(len(x))
+    for epoch in range(first_epoch, cfg.max_epochs):
+        # each epoch's order is its own (seed, phase, epoch), so a resumed run sees the same
+        order = np.random.default_rng((cfg.seed, PHASES.index(name), epoch)).permutation(len(x))
         model.train()
         if name != "static" and not joint:   # batch norms keep the static network's statistics
             for layer in layers:
                 layer.bn.eval()
-        for b in range(steps_per_epoch):
+        for b in range(first_batch if epoch == first_epoch else 0, steps_per_epoch):
+            if time.perf_counter() - saved_at > cfg.save_every_minutes * 60:
+                write_resume(cfg, model, name, step, total, epoch, b, losses, opt,
+                             time.perf_counter() - t0)
+                saved_at = time.perf_counter()
             elapsed = time.perf_counter() - t0
             if step >= 10 and step % 10 == 0:   # schedule length: measured speed x budget
                 total = min(cfg.max_epochs * steps_per_epoch,
@@ -552,10 +732,24 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
              "gates": cfg.lr * 0.5}
     epochs: Dict[str, float] = {}
     losses: List[float] = []
-    for name in PHASES:
+    state = read_resume(cfg) if cfg.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        t_train -= float(state["train_started"]) + (float(state["elapsed"])
+                                                    if state["step"] > 0 else 0.0)
+        log(f"resuming from {resume_path(cfg.out)}: phase {state['phase']}")
+    elif cfg.resume:
+        log(f"--resume: no {resume_path(cfg.out)}; starting afresh")
+    for k, name in enumerate(PHASES):
+        if state is not None and k < PHASES.index(state["phase"]):
+            epochs[name] = 0.0            # done before the interruption
+            continue
         if name != "gates" and shares[name] <= 0:
             epochs[name] = 0.0
             continue
+        cfg.train_started_s = time.perf_counter() - t_train
+        if state is not None and name == state["phase"] and state["step"] > 0:
+            cfg.train_started_s = float(state["train_started"])
         left = cfg.minutes - (time.perf_counter() - t_train) / 60
         minutes = left if name == "gates" else cfg.minutes * shares[name]
         if name == "gates" and cfg.gates == "targets":
@@ -566,6 +760,9 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
                                         rates[name], costs, rng, log)
         epochs[name] = done
         losses += phase_losses
+        if k + 1 < len(PHASES):          # the next phase starts from here on --resume
+            cfg.train_started_s = time.perf_counter() - t_train
+            write_resume(cfg, model, PHASES[k + 1], 0, 0, 0, 0, [], None, 0.0)
     train_minutes = (time.perf_counter() - t_train) / 60
     del x_train
     model.eval()
@@ -580,6 +777,7 @@ def train(cfg: TrainConfig, log: Log = print) -> "tuple[VaRedR2Plus1D, TrainResu
                            float16=cfg.float16)
     log("trained " + " + ".join(f"{e:.1f} {n}" for n, e in epochs.items()) +
         f" epochs in {train_minutes:.1f} min; evaluating on ONNX Runtime ...")
+    resume_path(cfg.out).unlink(missing_ok=True)     # the checkpoint holds the training now
     result = evaluate(model, cfg)
     result.epochs, result.minutes, result.losses = sum(epochs.values()), train_minutes, losses
     save(model, cfg, result)
@@ -605,13 +803,16 @@ def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainRes
         scores: List[np.ndarray] = []
         flops: List[int] = []
         counts: Dict[str, int] = {}
+        by_class: Dict[str, Dict[str, int]] = {c: {} for c in names}
         for i in range(0, n, 50):
             res = rt.classify(normalise(x[i:i + 50]))
             scores.append(res.scores)
             flops.extend(t.flops for t in res.traces)
-            for t in res.traces:
+            for k, t in enumerate(res.traces):
+                mine = by_class[names[int(y[i + k])]]
                 for branch in t.branches.values():
                     counts[branch] = counts.get(branch, 0) + 1
+                    mine[branch] = mine.get(branch, 0) + 1
         static = rt.manifest.policy_flops("static")
     pred = np.concatenate(scores).argmax(1)
     flops_arr = np.asarray(flops, dtype=np.float64)
@@ -620,7 +821,10 @@ def evaluate(model: VaRedR2Plus1D, cfg: TrainConfig, clips: int = 0) -> TrainRes
     total = sum(counts.values()) or 1
     return TrainResult(float((pred == y).mean()), per_class, static / 1e9, 0.0, 0.0,
                        accuracy_per_class=acc_class,
-                       branch_share={k: v / total for k, v in sorted(counts.items())})
+                       branch_share={k: v / total for k, v in sorted(counts.items())},
+                       branch_share_per_class={
+                           c: {k: v / (sum(d.values()) or 1) for k, v in sorted(d.items())}
+                           for c, d in by_class.items()})
 
 
 def model_card_path(out: str) -> Path:
@@ -641,11 +845,17 @@ def save(model: VaRedR2Plus1D, cfg: TrainConfig, result: TrainResult) -> None:
         "top1_per_class": result.accuracy_per_class,
         "gflops_per_class": result.gflops_per_class, "static_gflops": result.static_gflops,
         "branch_share": result.branch_share,
+        "branch_share_per_class": result.branch_share_per_class,
         "still_vs_camera_moving_gflops": result.still_vs_camera_moving,
     }
     models.save_checkpoint(model, cfg.out, extra=meta, float16=cfg.float16)
+    def taken(c: str) -> str:
+        share = result.branch_share_per_class.get(c, {})
+        return ", ".join(f"{BRANCH_WORDS.get(k, k)} {v * 100:.0f}%"
+                         for k, v in share.items() if v >= 0.005) or "-"
+
     rows = "\n".join(f"| {c} | {result.accuracy_per_class.get(c, float('nan')):.3f} | {g:.4f} | "
-                     f"{g / result.static_gflops:.2f} |"
+                     f"{g / result.static_gflops:.2f} | {taken(c)} |"
                      for c, g in result.gflops_per_class.items())
     mix = ", ".join(f"{BRANCH_WORDS.get(k, k)} {v * 100:.0f}%"
                     for k, v in result.branch_share.items())
@@ -693,8 +903,8 @@ def save(model: VaRedR2Plus1D, cfg: TrainConfig, result: TrainResult) -> None:
 * **Cost**: the static network costs {result.static_gflops:.4f} GFLOPs per clip. Per class, with
   free gates (ratio to static):
 
-| class | top-1 | GFLOPs | of static |
-| --- | --- | --- | --- |
+| class | top-1 | GFLOPs | of static | gate decisions |
+| --- | --- | --- | --- | --- |
 {rows}
 
 Still clips: {result.still_gflops:.4f} GFLOPs; clips where the camera or something moves (mean of
@@ -756,6 +966,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="gate targets: a cheaper branch is acceptable while its loss is within "
                         f"this of the full network's (default {d.margin})")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr)
+    p.add_argument("--gate-candidates", default="",
+                   help="gate targets: only these branches (comma-separated names, e.g. "
+                        "R1-r1,R2-r1; default every branch); each costs a forward pass per clip")
+    p.add_argument("--gate-full-weight", type=float, default=d.gate_full_weight,
+                   help="gate targets: weight of clips whose target is the full branch in the "
+                        f"gates' loss (default {d.gate_full_weight:g}: a cheap branch taken "
+                        "wrongly costs accuracy, the full one taken needlessly only time)")
     p.add_argument("--eff-weight", type=float, default=d.eff_weight)
     p.add_argument("--static-share", type=float, default=d.static_share,
                    help="share of the time budget for the static network (first phase)")
@@ -772,6 +989,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "trained on 8 frames can be fine-tuned on 16); with --static-share 0 "
                         "--branch-share 0 only the gates learn. The card records the commands "
                         "that made it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this command after an interruption, from OUT.resume.pt (the "
+                        "weights, optimizer and position, written every --save-every minutes "
+                        "and after each phase; the gates' phase restarts)")
+    p.add_argument("--save-every", type=float, default=d.save_every_minutes, metavar="MINUTES",
+                   help=f"write the resume state this often (default {d.save_every_minutes:g})")
     p.add_argument("--float32", action="store_true",
                    help="store float32 weights (default: float16, half the file)")
     p.add_argument("--seed", type=int, default=0)
@@ -783,10 +1006,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       layers=tuple(int(v) for v in args.layers.split(",")),
                       train_clips=args.train_clips, test_clips=args.test_clips, batch=args.batch,
                       lr=args.lr, gates=args.gates, margin=args.margin, gate_lr=args.gate_lr,
+                      gate_candidates=tuple(v for v in args.gate_candidates.split(",") if v),
+                      gate_full_weight=args.gate_full_weight,
                       eff_weight=args.eff_weight, minutes=args.minutes, branches=args.branches,
                       static_share=args.static_share, branch_share=args.branch_share,
                       float16=not args.float32, max_epochs=args.max_epochs, seed=args.seed,
-                      threads=args.threads, init=args.init,
+                      threads=args.threads, init=args.init, resume=args.resume,
+                      save_every_minutes=args.save_every,
                       command="adaedge train " + " ".join(
                           shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     train(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -316,7 +316,7 @@ def _axes(m: OnnxModule, names: List[str], a: Dict[str, Any], n: str) -> Optiona
     return None
 
 
-@_op("ReduceMean", "ReduceSum")
+@_op("ReduceMean", "ReduceSum", "ReduceMax")
 def _reduce(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
     names, a, n = node.inputs, node.attrs, node.name
     op = node.op
@@ -327,7 +327,7 @@ def _reduce(m: OnnxModule, node: "Node", xs: List[Any]) -> Any:
         if a.get("noop_with_empty_axes", 0):
             return x
         axes = list(range(x.dim()))
-    fn = torch.mean if op == "ReduceMean" else torch.sum
+    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax}[op]
     return fn(x, dim=tuple(axes), keepdim=keep)
 
 
