@@ -272,8 +272,8 @@ def fit_channel_fills(model: VaRedR2Plus1D, x: np.ndarray, clips: int = 256, bat
             patches = F.unfold(computed.transpose(1, 2).reshape(n * t * c, 1, h, w), 3, padding=1)
             patches = patches.view(n, t, c, 9, h * w).permute(2, 0, 1, 4, 3).reshape(c, -1, 9)
             ones = torch.ones(patches.shape[0], patches.shape[1], 1)
-            p = torch.cat([patches, ones], dim=2)                      # (c, samples, 10)
-            tgt = target.transpose(0, 1).reshape(c, -1, 1)            # (c, samples, 1)
+            p = torch.cat([patches, ones], dim=2).double()             # (c, samples, 10)
+            tgt = target.transpose(0, 1).reshape(c, -1, 1).double()   # (c, samples, 1)
             a, b, yy, ysum, cnt = stats.get(id(mod), [0, 0, 0, 0, 0])
             stats[id(mod)] = [a + p.transpose(1, 2) @ p, b + p.transpose(1, 2) @ tgt,
                               yy + (tgt ** 2).sum(dim=(1, 2)), ysum + tgt.sum(dim=(1, 2)),
@@ -293,16 +293,20 @@ def fit_channel_fills(model: VaRedR2Plus1D, x: np.ndarray, clips: int = 256, bat
     explained: Dict[str, float] = {}
     for name, m in layers:
         a, b, yy, ysum, cnt = stats[id(m)]
-        ridge = 1e-4 * torch.eye(10) * a.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
-        sol = torch.linalg.solve(a.double() + ridge.double(), b.double()).float()   # (c, 10, 1)
+        ridge = 1e-4 * torch.eye(10, dtype=torch.float64) * \
+            a.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
+        sol64 = torch.linalg.solve(a + ridge, b)                        # (c, 10, 1)
+        sol = sol64.float()
         fill = m.channel_fill_conv(1)
         with torch.no_grad():
             fill.weight.copy_(sol[:, :9, 0].view(-1, 1, 1, 3, 3))
             assert fill.bias is not None
             fill.bias.copy_(sol[:, 9, 0])
-        resid = yy - (sol.transpose(1, 2) @ b).view(-1)     # sum (y - p.w)^2 at the optimum
-        var = yy - ysum ** 2 / cnt
-        explained[name] = float(1 - resid.sum() / var.sum().clamp_min(1e-12))
+        resid = (yy - (sol64.transpose(1, 2) @ b).view(-1)).clamp_min(0)   # sum (y - p.w)^2
+        var = (yy - ysum ** 2 / cnt).clamp_min(0)
+        # maps that do not vary (a residual branch's zero-initialised scale) are rebuilt exactly
+        explained[name] = float(1 - resid.sum() / var.sum()) if float(var.sum()) > 1e-9 * \
+            max(float(yy.sum()), 1e-30) else 1.0
     log("channel fills fitted locally: R^2 " + ", ".join(f"{n.replace('stages.', 's')} {v:.2f}"
                                                             for n, v in explained.items()))
     return explained
