@@ -23,6 +23,7 @@ import numpy as np
 
 from ..bundle import CRITERIA, Bundle, budget_key, write_manifest
 from ..bundle import load as load_bundle
+from ..bundle.lock import writes_bundle
 from ..errors import CalibrationError, InputError
 from ..progress import Progress
 from ..runtime import load as load_runtime
@@ -156,6 +157,7 @@ def _to_manifest(threshold: float, criterion: str) -> float:
     return float(-threshold if criterion == "entropy" else threshold)
 
 
+@writes_bundle("calibrate exits")   # one writer at a time: read, solve, write
 def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndarray,
                     budgets: Sequence[float], criterion: str = "entropy",
                     default: Optional[float] = None, backend: str = "onnxruntime",

@@ -118,6 +118,8 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     num_classes = getattr(model, "num_classes", None)
     if labels is not None and num_classes is not None and len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
+    if not os.fspath(out):
+        raise ExportError("the bundle folder to write (--out) is empty; name a folder")
     out = Path(out)
     _prepare_destination(out, overwrite)
     _warn_non_finite(model)
@@ -146,7 +148,7 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
         try:
             manifest = _write(parts, tmp, info, input_spec)
-            replace_bundle(tmp, out)
+            replace_bundle(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

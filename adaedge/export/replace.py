@@ -18,6 +18,7 @@ interruption (:func:`terminate_as_interrupt`), so the temporary folder is remove
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Set, Tuple
 
 from ..bundle import MANIFEST
+from ..bundle.lock import LOCK, locked
 from ..bundle.manifest import FORMAT
 from ..errors import ExportError
 
@@ -84,12 +86,25 @@ def old_bundle_files(out: Path) -> Set[str]:
     int8 = data.get("int8")
     for pieces in (data.get("pieces"), int8.get("pieces") if isinstance(int8, dict) else None):
         for piece in pieces.values() if isinstance(pieces, dict) else ():
-            if isinstance(piece, dict) and isinstance(piece.get("file"), str):
+            if isinstance(piece, dict) and _bundle_file(piece.get("file"), ".onnx"):
                 owned.add(os.path.normpath(piece["file"]))
     constants = data.get("constants")
-    if isinstance(constants, dict) and isinstance(constants.get("file"), str):
+    if isinstance(constants, dict) and _bundle_file(constants.get("file"), ".npz"):
         owned.add(os.path.normpath(constants["file"]))
     return owned
+
+
+def _bundle_file(relative: Any, suffix: str) -> bool:
+    """Whether a path an old manifest names is one adaedge writes: under ``graphs/``, with the
+    piece's (``.onnx``) or constants' (``.npz``) suffix. Anything else a manifest names (a
+    hostile one may name the user's ``ckpt.pt`` or ``./notes.txt``) is the user's file: kept."""
+    if not isinstance(relative, str) or not relative or relative.startswith(("/", "\\")) \
+            or "\\" in relative or "\0" in relative:
+        return False
+    norm = os.path.normpath(relative)
+    parts = norm.split(os.sep)
+    return len(parts) >= 2 and parts[0] == "graphs" and ".." not in parts and \
+        norm.endswith(suffix)
 
 
 def _user_files(out: Path, owned: Set[str]) -> List[str]:
@@ -108,15 +123,34 @@ def _user_files(out: Path, owned: Set[str]) -> List[str]:
     return found
 
 
-def replace_bundle(new: Path, out: Path) -> None:
-    """Put the complete bundle folder ``new`` at ``out`` (see the module docstring)."""
-    if not out.exists():
-        os.replace(new, out)
+def _claim(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out`` where nothing is, or only an empty folder: ``rename`` does it
+    atomically and fails where a folder with files is, so of two exports to one new folder
+    exactly one wins and the other is told, whatever the timing."""
+    try:
+        os.rename(new, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise ExportError(f"{out} was written by another process while this export ran "
+                              "(it holds a bundle now); nothing of it was changed: pass "
+                              "overwrite=True (--overwrite) to replace it") from None
+        raise
+
+
+def replace_bundle(new: Path, out: Path, overwrite: bool = True) -> None:
+    """Put the complete bundle folder ``new`` at ``out`` (see the module docstring); without
+    ``overwrite`` only where there is no bundle (nor any file) at the moment of the rename."""
+    if not out.exists() or not overwrite:
+        _claim(new, out)
         return
     if not any(out.iterdir()):
-        out.rmdir()
-        os.replace(new, out)
+        _claim(new, out)
         return
+    with locked(out, what="export --overwrite"):   # no build or calibration is writing it
+        _swap(new, out)
+
+
+def _swap(new: Path, out: Path) -> None:
     owned = old_bundle_files(out)
     moves: List[Tuple[Path, Path]] = []
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..bundle import Bundle, Carry, Exit, Manifest, Run, Switch, budget_key
 from ..bundle import load as load_bundle
+from ..bundle.lock import locked
 from ..bundle.program import Branch, Step
 from ..errors import BundleError, InputError
 from ..progress import Progress
@@ -125,16 +126,18 @@ class Runtime:
         # step waits for the device (per-piece timings, slower overall)
         self._sync: Optional[Callable[[], None]] = backend.synchronize if sync_steps else None
         used = self.manifest.used_pieces()
-        self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
-                                          for k, v in bundle.constants().items()}
         # pieces exported for one clip (or stream) per call: a group of several runs row by row
         self._single = {n for n, p in self.manifest.pieces.items()
                         if p.inputs and p.inputs[0].shape[:1] == [1]}
         self.executables: Dict[str, Executable] = {}
-        for i, name in enumerate(used):
-            if progress:
-                progress(i, len(used), name)
-            self.executables[name] = backend.load(bundle, name)
+        # a reader: the files as they are before a writer (build, calibrate) or after it
+        with locked(bundle.root, exclusive=False):
+            self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
+                                              for k, v in bundle.constants().items()}
+            for i, name in enumerate(used):
+                if progress:
+                    progress(i, len(used), name)
+                self.executables[name] = backend.load(bundle, name)
         if progress:
             progress(len(used), len(used), "loaded")
         self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
@@ -681,17 +684,23 @@ def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxr
     one clip per call as the program compiled into one graph where the backend can
     (:mod:`.compile`) and batches piece by piece; ``"pieces"`` always piece by piece;
     ``"compiled"`` requires the compiled graph for single clips."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
-    return Runtime(b, be, progress, sync_steps, path)
+    if isinstance(bundle, Bundle):
+        return Runtime(bundle, be, progress, sync_steps, path)
+    with locked(bundle, exclusive=False):        # the manifest and its files of one moment
+        return Runtime(load_bundle(bundle), be, progress, sync_steps, path)
 
 
 def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
           progress: Progress = None, **options: Any) -> Path:
     """Prepare the backend's engines into the bundle's cache; returns the cache folder."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options)
-    return be.build(be.bundle_for(b), progress)
+    root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+    if not root.is_dir():
+        load_bundle(root)                 # says what is wrong with it
+    with locked(root, what="build"):      # one writer at a time; the manifest read under it
+        b = load_bundle(root) if not isinstance(bundle, Bundle) else bundle
+        return be.build(be.bundle_for(b), progress)
 
 
 __all__ = ["Runtime", "Stream", "Result", "Trace", "StepRecord", "Force", "load", "build",
