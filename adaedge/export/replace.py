@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Set, Tuple
 
 from ..bundle import MANIFEST
-from ..bundle.lock import LOCK, locked
+from ..bundle.lock import locked
 from ..bundle.manifest import FORMAT
 from ..errors import ExportError
 
