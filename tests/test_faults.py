@@ -160,3 +160,25 @@ def test_a_build_killed_half_way_leaves_the_earlier_engines_whole(built):
     rt.classify(np.zeros((2, 3, 5, 32, 32), np.float32))
     assert finish([adaedge("build", str(built), "-q")])[0][0] == 0
     assert not list(folder.glob(".*tmp*"))    # the killed build's temporary files are gone
+
+
+def test_export_overwrite_keeps_user_files_a_hostile_old_manifest_names(tmp_path,
+                                                                         tiny_checkpoint):
+    """An old manifest whose pieces are the user's ckpt.pt and ./notes.txt: --overwrite replaces
+    only files adaedge writes (graphs/*.onnx, graphs/*.npz, the manifest, engines/), so both
+    stay, byte for byte."""
+    from adaedge.cli import main
+    u = tmp_path / "u"
+    u.mkdir()
+    ckpt = u / "ckpt.pt"
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    (u / "notes.txt").write_text("my notes")
+    piece = {"file": "ckpt.pt", "sha256": "0" * 64, "flops": 0, "inputs": [], "outputs": []}
+    (u / "manifest.json").write_text(json.dumps({
+        "format": "adaedge-bundle", "pieces": {"a": piece, "b": dict(piece, file="./notes.txt")},
+        "constants": {"file": "notes.txt"}}))
+    assert main(["export", "vared_r2plus1d_18", "--checkpoint", str(ckpt), "--out", str(u),
+                 "--overwrite", "-q"]) == 0
+    assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()
+    assert (u / "notes.txt").read_text() == "my notes"
+    load_bundle(u).verify_files()

@@ -24,6 +24,7 @@ from ..bundle.paths import current_umask
 from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
                       write_manifest)
 from ..bundle.folder import value_dtype, value_shape
+from ..bundle.operators import MAX_VALUES
 from ..errors import ExportError
 from ..models import family_of, model_config, model_name
 from ..models.registry import KINETICS_MEAN, KINETICS_STD
@@ -115,6 +116,9 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     size = int(size or getattr(model, "size"))
     if frames < 1 or size < 8:
         raise ExportError(f"frames must be >= 1 and size >= 8, got frames={frames} size={size}")
+    if 3 * frames * size * size > MAX_VALUES:       # before the model runs at that size
+        raise ExportError(f"a clip of {frames}x{size}x{size} holds {3 * frames * size * size} "
+                          f"values, more than a bundle's {MAX_VALUES} per tensor")
     num_classes = getattr(model, "num_classes", None)
     if labels is not None and num_classes is not None and len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
