@@ -20,6 +20,7 @@ Every error a user can cause is an :class:`~adaedge.errors.AdaedgeError`, printe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -306,8 +307,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .bundle import load as load_bundle
     from .calibration.exits import calibrate_exits, load_data
     if args.plot:                # a plot that cannot be written fails before thresholds are
-        from .demo import check_destination          # stored, not after
+        from .demo import check_destination, check_image_path   # stored, not after
         check_destination(Path(args.plot), "--plot", None, replace=True)
+        check_image_path(Path(args.plot), "--plot")
     clips, labels = load_data(args.data, load_bundle(args.bundle))   # the manifest alone
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
                              default=args.default, precision=args.precision,
@@ -426,6 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--model needs a model name (see 'adaedge models')")
         name = rest[i + 1]
         del rest[i:i + 2]
+    rest = _check_train_out(rest, default_out="demo.pt" if name == "vared_r2plus1d_18" else None)
     require("torch", "adaedge train", "export")
     from . import models
     trainer = models.family_of(name).train_function()
@@ -434,6 +437,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"adaedge has no training loop for {name!r} (it trains "
                          f"{', '.join(trainable)})")
     return int(trainer(rest))
+
+
+def _check_train_out(rest: List[str], default_out: Optional[str]) -> List[str]:
+    """What ``train`` will write, checked before any training (a run takes minutes to hours):
+    ``--out`` (and its model card, ``.md`` beside it) is not replaced without ``--overwrite``,
+    lies in a folder that exists, and is no folder itself; ``--minutes`` is a positive number.
+    Returns the arguments for the trainer (``--overwrite`` is this check's alone)."""
+    if any(a in ("-h", "--help") for a in rest):
+        return rest
+    import math
+    pre = argparse.ArgumentParser(prog="adaedge train", add_help=False)
+    pre.add_argument("--out", default=default_out)
+    pre.add_argument("--minutes")
+    pre.add_argument("--evaluate-only", action="store_true")
+    pre.add_argument("--overwrite", action="store_true")
+    known, _ = pre.parse_known_args(rest)
+    rest = [a for a in rest if a != "--overwrite"]
+    if known.minutes is not None:
+        try:
+            minutes = float(known.minutes)
+        except ValueError:
+            minutes = math.nan
+        if not math.isfinite(minutes) or minutes <= 0:
+            raise UsageError(f"--minutes must be a positive number of minutes, not "
+                             f"{known.minutes!r}")
+    if known.out is None or known.evaluate_only:
+        return rest            # the trainer asks for --out; --evaluate-only reads it
+    if not known.out.strip():
+        raise UsageError("--out is empty; name the checkpoint file to write")
+    out = Path(known.out)
+    card = out.with_suffix(".md")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the checkpoint file to write in it")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: the folder {out.parent} is not writable")
+    if not known.overwrite:
+        for path in (out, card):
+            if path.exists() or path.is_symlink():
+                raise UsageError(f"{path} exists; pass --overwrite to replace it (and "
+                                 f"{card.name}, its model card)")
+    return rest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,6 +771,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except AdaedgeError as e:
         print(f"adaedge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:      # Ctrl-C (or SIGTERM while a bundle is written): cleaned up
+        print("adaedge: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:           # the machine's refusal: a full disk, a read-only folder
+        print(f"adaedge: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("adaedge: error: out of memory (ask for fewer clips or a smaller batch)",
+              file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for what the operating system refused: its reason and the path, no traceback."""
+    reason = e.strerror or str(e) or type(e).__name__
+    names = [n for n in (e.filename, getattr(e, "filename2", None)) if n]
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    elif e.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    return f"{reason}: {' -> '.join(map(str, names))}" if names else reason
 
 
 if __name__ == "__main__":

@@ -182,3 +182,38 @@ def test_export_overwrite_keeps_user_files_a_hostile_old_manifest_names(tmp_path
     assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()
     assert (u / "notes.txt").read_text() == "my notes"
     load_bundle(u).verify_files()
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A real file system of 300 KB (a tmpfs; mounting needs root): writes past it fail with
+    ENOSPC, as on a full disk."""
+    where = tmp_path / "full"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a real full file system) needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_demo_on_a_full_disk_keeps_the_users_video_and_says_so(full_disk, tmp_path, capsys):
+    from adaedge.cli import main
+    from adaedge.demo import default_video
+    bundle = tmp_path / "b"
+    export(tiny_model(), bundle, labels=[f"class{i}" for i in range(5)])
+    keep = full_disk / "keep.mp4"
+    keep.write_bytes(b"my video " * 1000)
+    code = main(["demo", "--source", str(default_video()), "--bundle", str(bundle), "--headless",
+                 "--output", str(keep), "--overwrite", "--max-frames", "120", "--no-pace",
+                 "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "keep.mp4" in err, err
+    assert keep.read_bytes() == b"my video " * 1000           # the user's file, untouched
+    assert sorted(p.name for p in full_disk.iterdir()) == ["keep.mp4"]   # no partial files
