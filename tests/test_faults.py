@@ -184,15 +184,17 @@ def test_export_overwrite_keeps_user_files_a_hostile_old_manifest_names(tmp_path
     load_bundle(u).verify_files()
 
 
-@pytest.fixture()
-def full_disk(tmp_path):
-    """A real file system of 300 KB (a tmpfs; mounting needs root): writes past it fail with
-    ENOSPC, as on a full disk."""
-    where = tmp_path / "full"
+import contextlib
+
+
+@contextlib.contextmanager
+def small_fs(where: Path, size: str):
+    """A real file system of ``size`` (a tmpfs; mounting needs root): writes past it fail with
+    ENOSPC, as on a full disk, and ``remount(ro=True)`` makes it read-only."""
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (a real full file system) needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(where)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
@@ -200,6 +202,70 @@ def full_disk(tmp_path):
         yield where
     finally:
         subprocess.run(["umount", str(where)], check=False)
+
+
+def remount(where: Path, ro: bool) -> None:
+    subprocess.run(["mount", "-o", f"remount,{'ro' if ro else 'rw'}", str(where)], check=True)
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    with small_fs(tmp_path / "full", "300k") as where:
+        yield where
+
+
+def _fill(where: Path) -> None:
+    with open(where / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError:
+            pass
+
+
+def _snapshot(folder: Path):
+    """Every file's bytes (but the empty lock file, which a writer may create)."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != LOCK}
+
+
+def test_a_full_disk_and_a_read_only_bundle_are_one_line_and_change_nothing(tmp_path, capsys):
+    from adaedge.cli import main
+    tiny_config = TINY_CONFIG
+    with small_fs(tmp_path / "disk", "8m") as disk:
+        b, f = disk / "b", disk / "f"
+        export(tiny_model(), b, weights={"source": "test"})
+        export(tiny_focus(seed=1), f, weights={"source": "test"})
+        m = load_bundle(f).manifest
+        data = _clips_npz(tmp_path / "clips.npz", 24, tuple(m.clip_shape)[-4:], 10)
+        budget = f"{m.policy_flops('static') / 1e9:.6f}"
+        commands = [["build", str(b)],
+                    ["calibrate", "exits", str(f), "--data", str(data), "--budget", budget],
+                    ["calibrate", "int8", str(f), "--data", str(data), "--min-clips", "4"],
+                    ["export", "vared_r2plus1d_18", "--random-weights", *tiny_config, "--out",
+                     str(b), "--overwrite"],
+                    ["export", "vared_r2plus1d_18", "--random-weights", *tiny_config, "--out",
+                     str(disk / "new")]]
+        for state in ("full", "read-only"):
+            if state == "full":
+                _fill(disk)
+            else:
+                (disk / "filler").unlink()
+                remount(disk, ro=True)
+            before = {p: _snapshot(p) for p in (b, f)}
+            for args in commands:
+                assert main([*args, "-q"]) == 2, (state, args)
+                err = capsys.readouterr().err
+                assert err.count("\n") == 1 and err.startswith("adaedge: error:"), (state, err)
+                assert str(disk) in err, (state, err)           # it names where
+                assert ("no space left" in err.lower()) if state == "full" else \
+                    ("read-only" in err.lower()), (state, err)
+            assert {p: _snapshot(p) for p in (b, f)} == before       # nothing lost or half done
+            assert sorted(p.name for p in disk.iterdir()) == (["b", "f", "filler"] if state ==
+                                                                "full" else ["b", "f"])
+        remount(disk, ro=False)
+        runtime.load(b).classify(np.zeros((1, 3, 5, 32, 32), np.float32))
 
 
 def test_demo_on_a_full_disk_keeps_the_users_video_and_says_so(full_disk, tmp_path, capsys):
@@ -217,3 +283,27 @@ def test_demo_on_a_full_disk_keeps_the_users_video_and_says_so(full_disk, tmp_pa
     assert err.count("\n") == 1 and "keep.mp4" in err, err
     assert keep.read_bytes() == b"my video " * 1000           # the user's file, untouched
     assert sorted(p.name for p in full_disk.iterdir()) == ["keep.mp4"]   # no partial files
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_half_written(built, tmp_path):
+    """SIGINT, as Ctrl-C sends it, to real export, build and bench processes at work."""
+    folder = _engine_folder(built)
+    runs = [
+        (["export", "vared_r2plus1d_18", "--random-weights", *TINY_CONFIG, "--out",
+          str(tmp_path / "new")], lambda: any(p.name.startswith(".new.")
+                                              for p in tmp_path.iterdir())),
+        (["build", str(built)], lambda: any(folder.glob(".piece.*.tmp.onnx"))),
+        (["bench", str(built), "--reps", "100000", "--warmup", "0"], None)]
+    for args, started in runs:
+        proc = adaedge(*args, "-q")
+        if started is not None:
+            wait_for(started, what=f"{args[0]} at work")
+        else:
+            time.sleep(6.0)                   # loaded and timing
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        code, out, err = finish([proc])[0]
+        assert code == 130 and err == "adaedge: interrupted\n", (args[0], code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]     # no half export
+    assert not list(folder.glob(".*tmp*"))
+    runtime.load(built).classify(np.zeros((1, 3, 5, 32, 32), np.float32))

@@ -153,8 +153,10 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         try:
             manifest = _write(parts, tmp, info, input_spec)
             replace_bundle(tmp, out, overwrite)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not e.filename:   # a full disk: name the folder
+                raise OSError(e.errno, e.strerror or str(e), str(out)) from None
             raise
     return manifest
 

@@ -7,6 +7,7 @@ uses them when their key and source hashes match, and the bundle's own graphs ot
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
 from ...bundle.folder import check_io
 from ...bundle.operators import check_operators
-from ...bundle.paths import child, current_umask
+from ...bundle.paths import child, current_umask, free_bytes
 from ...errors import BackendUnavailable, BundleError, UsageError
 from ...progress import Progress
 from .base import Backend, BackendOption
@@ -248,7 +249,15 @@ class OnnxRuntimeBackend(Backend):
             os.close(fd)
             tmp = Path(tmp_name)
             try:
-                self._session(self._checked(bundle, name), name, True, tmp)
+                data = self._checked(bundle, name)
+                try:
+                    self._session(data, name, True, tmp)
+                except BundleError:
+                    # ONNX Runtime says "Protobuf serialization failed" for a full disk
+                    if 0 <= free_bytes(folder) < 2 * len(data) + (1 << 20):
+                        raise OSError(errno.ENOSPC, "no space left on the device",
+                                      str(folder)) from None
+                    raise
                 os.chmod(tmp, 0o666 & ~current_umask())     # not mkstemp's private 0600
                 digest = sha256_file(tmp)
                 target = child(folder, f"{name}.{digest[:16]}.onnx")
