@@ -6,6 +6,7 @@ two terminals would, and checks the bundle afterwards: whole, holding every writ
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -182,9 +183,6 @@ def test_export_overwrite_keeps_user_files_a_hostile_old_manifest_names(tmp_path
     assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()
     assert (u / "notes.txt").read_text() == "my notes"
     load_bundle(u).verify_files()
-
-
-import contextlib
 
 
 @contextlib.contextmanager
