@@ -305,3 +305,31 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_half_written(built, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]     # no half export
     assert not list(folder.glob(".*tmp*"))
     runtime.load(built).classify(np.zeros((1, 3, 5, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("model", ["vared_r2plus1d_18", "adafocus_v3"])
+def test_train_out_is_checked_before_any_training(tmp_path, capsys, model):
+    from adaedge.cli import main
+    precious = tmp_path / "precious.pt"
+    precious.write_bytes(b"weeks of training")
+    card = tmp_path / "precious.md"
+    card.write_text("its card")
+    lone = tmp_path / "lone.pt"
+    (tmp_path / "lone.md").write_text("a card whose checkpoint is gone")
+    base = ["train", "--model", model, "--minutes", "0.01"]
+    for out, message in ((precious, "precious.pt exists; pass --overwrite"),
+                         (lone, "lone.md exists; pass --overwrite"),
+                         (tmp_path, "is a folder"),
+                         (tmp_path / "missing" / "x.pt", "does not exist"),
+                         ("", "--out is empty")):
+        start = time.monotonic()
+        assert main([*base, "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert time.monotonic() - start < 5           # refused at once, not after training
+    for bad in ("nan", "-1", "0", "inf", "soon"):
+        assert main(["train", "--model", model, "--minutes", bad, "--out",
+                     str(tmp_path / "new.pt")]) == 2
+        assert "--minutes must be a positive number" in capsys.readouterr().err
+    assert precious.read_bytes() == b"weeks of training" and card.read_text() == "its card"
+    assert not (tmp_path / "new.pt").exists()
