@@ -188,11 +188,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(m.to_json(), indent=1))
         return 0
     spec = m.input
-    print(f"model     {m.model['name']} ({m.model.get('family')}), execution "
-          f"{m.model.get('execution', '?')}, weights {m.model.get('weights', {}).get('source')}")
-    print(f"input     {spec['name']}: N x {' x '.join(map(str, m.clip_shape))} ({spec['layout']}),"
-          f" mean {spec['mean']}, std {spec['std']}")
-    labels = spec.get("labels")
+    shown = printable
+    weights = (m.model.get("weights") or {}).get("source")
+    print(f"model     {shown(m.model['name'])} ({shown(m.model.get('family'))}), execution "
+          f"{shown(m.model.get('execution', '?'))}, weights {shown(weights)}")
+    print(f"input     {shown(spec['name'])}: N x {' x '.join(map(str, m.clip_shape))} "
+          f"({spec['layout']}), mean {spec['mean']}, std {spec['std']}")
+    labels = [shown(x) for x in spec.get("labels") or []]
     print(f"labels    {len(labels)}: {', '.join(labels[:10])}{' …' if len(labels) > 10 else ''}"
           if labels else "labels    none")
     print(f"pieces    {len(m.pieces)}; program: {len(m.program)} steps, {len(m.switches())} gates")
@@ -205,9 +207,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.int8 is not None:
         cal = m.int8.calibration
         print(f"int8      {len(m.int8.pieces)} of {len(m.pieces)} pieces, for "
-              f"{cal.get('target', '?')}, {cal.get('method', '?')} ranges on {cal.get('clips', '?')} "
-              f"clips ({cal.get('data', '?')}); {len(m.int8.kept_float)} kept in float")
+              f"{shown(cal.get('target', '?'))}, {shown(cal.get('method', '?'))} ranges on "
+              f"{shown(cal.get('clips', '?'))} clips ({shown(cal.get('data', '?'))}); "
+              f"{len(m.int8.kept_float)} kept in float")
     return 0
+
+
+def printable(value: Any) -> str:
+    """A manifest's string as a terminal may show it: control characters (escape sequences that
+    clear the screen or retitle the window) and invisible format characters (right-to-left
+    overrides that reorder what follows) are written as escapes, ``\\x1b``, ``\\u202e``."""
+    import unicodedata
+    text = str(value)
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp")
+                   else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def _threads(text: str) -> int:

@@ -285,7 +285,7 @@ def load(root: Union[str, Path]) -> Bundle:
                           f"{MAX_MANIFEST_BYTES}")
     try:
         with open(mpath, "r", encoding="utf-8") as f:
-            data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+            data = json.load(f, object_pairs_hook=_no_duplicate_keys, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
     except RecursionError:
@@ -304,6 +304,15 @@ def check_size(path: Path, limit: int, what: str) -> None:
     if size > limit:
         raise BundleError(f"{what} ({path.name}) is {size} bytes, more than the {limit} any "
                           "adaedge file of its kind holds")
+
+
+def _bounded_int(text: str) -> int:
+    """JSON integers of at most 19 digits (int64): a 5000-digit one is refused as such, not by
+    Python's limit on converting long digit strings."""
+    if len(text.lstrip("-")) > 19:
+        raise BundleError(f"manifest: an integer of {len(text.lstrip('-'))} digits; no field "
+                          "of a manifest holds more than 19")
+    return int(text)
 
 
 def _no_duplicate_keys(pairs: "list[tuple[str, Any]]") -> Dict[str, Any]:
