@@ -20,7 +20,6 @@ from hypothesis import strategies as st  # noqa: E402
 from adaedge import runtime  # noqa: E402
 from adaedge.errors import AdaedgeError  # noqa: E402
 
-from .conftest import clips  # noqa: E402
 
 Path_ = Tuple[Union[str, int], ...]
 
