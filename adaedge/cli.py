@@ -213,6 +213,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_HOST_VALUES = 1 << 30      # clips a command makes up front: 4 GiB of float32
+
+
+def check_clip_count(flag: str, count: int, manifest: Any) -> None:
+    """Refuse a count of clips whose arrays alone would exhaust memory, before any is made."""
+    per_clip = 1
+    for d in manifest.full_clip_shape:
+        per_clip *= int(d)
+    if count * per_clip > MAX_HOST_VALUES:
+        most = max(1, MAX_HOST_VALUES // per_clip)
+        raise UsageError(f"{flag} {count}: {count} clips of {'x'.join(map(str, manifest.full_clip_shape))} "
+                         f"would take {count * per_clip * 4 / 2**30:.1f} GiB before anything runs; "
+                         f"at most {most} here")
+
+
 def printable(value: Any) -> str:
     """A manifest's string as a terminal may show it: control characters (escape sequences that
     clear the screen or retitle the window) and invisible format characters (right-to-left
@@ -276,6 +291,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.data:
         raise UsageError("--data is for --precision int8 (the float pieces are verified against "
                          "the PyTorch reference on random clips)")
+    from .bundle import load as load_bundle
+    manifest = load_bundle(args.bundle).manifest       # the manifest alone: no torch yet
+    weights = manifest.model.get("weights") or {}
+    if args.checkpoint is None and not (weights.get("source") == "random"
+                                        and isinstance(weights.get("seed"), int)):
+        raise UsageError(f"{args.bundle} was exported from a checkpoint "
+                         f"({weights.get('file') or weights.get('source', 'unknown')}); verify "
+                         "compares it with PyTorch running that checkpoint: pass --checkpoint "
+                         "CKPT")
+    check_clip_count("--clips", args.clips or 2, manifest)
     from .verify import verify
     report = verify(args.bundle, args.checkpoint, clips=args.clips or 2, seed=args.seed,
                     rtol=args.rtol, backend=args.backend,
@@ -297,7 +322,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_table
+    from .bundle import load as load_bundle
     from .runtime import load
+    check_clip_count("--batch", args.batch, load_bundle(args.bundle).manifest)
     runtime = load(args.bundle, args.backend, sync_steps=args.sync_steps, path=args.path,
                    **backend_options(args))
     clips = None
@@ -357,10 +384,18 @@ def cmd_calibrate_int8(args: argparse.Namespace) -> int:
     clips, labels = load_data(args.data, load_bundle(args.bundle), labelled=False)
     clips = clips[:args.clips]
     labels = labels[:args.clips] if labels is not None else None
-    report = calibrate_int8(args.bundle, clips, labels, data=f"{args.data}, first {len(clips)}",
-                            method=args.method, keep_float=args.keep_float,
-                            min_clips=args.min_clips, threads=args.threads, target=args.target,
-                            progress=ProgressBar("calibrate int8", not (args.quiet or args.json)))
+    import contextlib
+    # ONNX Runtime's calibrators print ("Collecting tensor data ...") to stdout: with --json,
+    # stdout holds the JSON report alone, so whatever they print goes to stderr
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else \
+        contextlib.nullcontext()
+    with quiet_stdout:
+        report = calibrate_int8(args.bundle, clips, labels,
+                                data=f"{args.data}, first {len(clips)}", method=args.method,
+                                keep_float=args.keep_float, min_clips=args.min_clips,
+                                threads=args.threads, target=args.target,
+                                progress=ProgressBar("calibrate int8",
+                                                     not (args.quiet or args.json)))
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -781,6 +816,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+        seed = getattr(args, "seed", None)
+        if seed is not None and not 0 <= seed < 2 ** 32:
+            raise UsageError(f"--seed must be from 0 to 2**32 - 1, not {seed}")
+        warmup = getattr(args, "warmup", None)
+        if warmup is not None and warmup < 0:
+            raise UsageError("--warmup must be at least 0")
         return int(args.func(args))
     except AdaedgeError as e:
         print(f"adaedge: error: {e}", file=sys.stderr)

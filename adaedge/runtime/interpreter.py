@@ -22,7 +22,7 @@ from ..bundle import Bundle, Carry, Exit, Manifest, Run, Switch, budget_key
 from ..bundle import load as load_bundle
 from ..bundle.lock import locked
 from ..bundle.program import Branch, Step
-from ..errors import BundleError, InputError
+from ..errors import BundleError, InputError, UsageError
 from ..progress import Progress
 from .arrays import ArrayOps
 from .backends import Backend, Executable, create_backend
@@ -103,6 +103,23 @@ def exit_measure(scores: np.ndarray, criterion: str) -> np.ndarray:
     if criterion == "entropy":
         return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
     return p.max(axis=1)
+
+
+def _check_arguments(budget: Any, exit_at: Any, state: Any) -> None:
+    """``classify``'s keyword arguments of the types it takes, or an :class:`InputError`."""
+    if budget is not None and not isinstance(budget, str) and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float, np.number))
+            or not np.isfinite(budget)):
+        raise InputError(f"budget must be a stored budget's name or a finite number of GFLOPs, "
+                         f"not {budget!r}")
+    if exit_at is not None and not isinstance(exit_at, str):
+        if not isinstance(exit_at, (list, tuple, np.ndarray)) or not all(
+                e is None or isinstance(e, str) for e in exit_at):
+            raise InputError(f"exit_at must be an exit's name, or one name (or None) per clip, "
+                             f"not {exit_at!r}")
+    if state is not None and not isinstance(state, Mapping):
+        raise InputError(f"state must be a mapping of state names to arrays (as Result.state "
+                         f"holds it), not {type(state).__name__}")
 
 
 class Runtime:
@@ -284,6 +301,7 @@ class Runtime:
         More than ``MAX_CALL_CLIPS`` (64) clips run as calls of 64, with the same results, so
         that memory stays bounded however many clips one call is given.
         """
+        _check_arguments(budget, exit_at, state)
         return self._classify(self.check_clips(clips), force, budget, exit_at, keep_values,
                               state, exits, graph)
 
@@ -684,6 +702,9 @@ def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxr
     one clip per call as the program compiled into one graph where the backend can
     (:mod:`.compile`) and batches piece by piece; ``"pieces"`` always piece by piece;
     ``"compiled"`` requires the compiled graph for single clips."""
+    if not isinstance(backend, (str, Backend)):
+        raise UsageError(f"backend must be a backend's name or a Backend, not "
+                         f"{type(backend).__name__}")
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
     if isinstance(bundle, Bundle):
         return Runtime(bundle, be, progress, sync_steps, path)
