@@ -77,6 +77,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     require("torch", "adaedge export", "export")
+    progress = ProgressBar("export", not args.quiet)
+    progress(0, 3, "loading PyTorch")           # from the start: PyTorch alone takes seconds
     import torch
 
     from . import models
@@ -94,6 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                if getattr(args, o.name, None) is not None}
     fam.check_options(options)
     labels: Optional[List[str]] = None
+    progress(1, 3, "reading the checkpoint" if args.checkpoint else "building the model")
     if args.checkpoint is not None:
         model = models.load_model(args.checkpoint, name=args.model, **config)
         _, meta = models.read_checkpoint(args.checkpoint)
@@ -105,10 +108,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = models.create(args.model, **config)
         weights = {"source": "random", "seed": args.seed}
+    progress(3, 3, "cutting it into pieces")
     manifest = export(model, args.out, frames=args.frames, size=args.size,
                       execution=args.execution, labels=labels, weights=weights,
-                      overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet),
-                      options=options)
+                      overwrite=args.overwrite, progress=progress, options=options)
     total = len(manifest.pieces)
     size = f"{manifest.input['size'][0]}x{manifest.input['size'][1]}"
     if manifest.window is not None:
@@ -804,6 +807,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv[:1] == ["train"]:   # everything after 'train' belongs to the trainer's parser
             return cmd_train(argparse.Namespace(func=cmd_train, train_args=argv[1:]))
         families = None
+        if argv[:1] == ["export"] and not {"-q", "--quiet", "-h", "--help"} & set(argv):
+            # the parser needs the families, which need PyTorch: seconds before anything else
+            print("export: loading PyTorch and the models ...", file=sys.stderr, flush=True)
         if argv[:1] and argv[0] in TORCH_COMMANDS:
             try:
                 families = _families(f"adaedge {argv[0]}")

@@ -4,6 +4,7 @@ user's files as they were; the Python API raises adaedge's own errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 
@@ -125,3 +126,48 @@ def test_the_python_api_raises_adaedges_errors(focus, tiny_bundle):
         runtime.load(tiny_bundle, backend=object())
     rt.classify(x, exit_at=["exit0", None])           # what it takes still works
     assert issubclass(InputError, AdaedgeError)
+
+
+def test_quickstart_never_replaces_a_named_folder_silently(tiny_bundle, tmp_path):
+    """examples/quickstart.py writes into the cache by default and says where; a folder the user
+    names that holds a bundle is replaced only with --overwrite."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mine"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    env = dict(os.environ, PYTHONPATH=str(root), ADAEDGE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py"), "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"into {out}" in proc.stdout
+    assert "already holds a bundle; pass overwrite=True (--overwrite)" in proc.stderr
+    assert (out / "manifest.json").read_bytes() == before
+    assert "Traceback" not in proc.stderr
+
+
+def test_export_says_something_from_the_start(tmp_path):
+    """The first words on stderr come before PyTorch is imported (seconds on a cold machine),
+    and the writing of the pieces has its own progress."""
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "adaedge", "export", "vared_r2plus1d_18",
+                             "--random-weights", "--config", "width_mult=0.125", "--config",
+                             "frames=4", "--config", "size=32", "--out", str(tmp_path / "b")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    first_at = time.monotonic() - start
+    rest = proc.stderr.read().decode()
+    proc.wait(300)
+    total = time.monotonic() - start
+    assert proc.returncode == 0, rest
+    assert b"export: loading PyTorch" in first
+    assert first_at < 0.3 * total, (first_at, total)     # long before the work is done
+    assert "writing" in rest or "written" in rest

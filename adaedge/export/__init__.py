@@ -63,11 +63,15 @@ def _prepare_destination(out: Path, overwrite: bool) -> None:
                                   "(--overwrite) to replace it")
 
 
-def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str, Any]) -> Manifest:
+def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str, Any],
+           progress: Progress = None) -> Manifest:
     """Write the pieces, constants and manifest of ``parts`` into the folder ``root``."""
     (root / "graphs").mkdir()
     specs: Dict[str, Piece] = {}
-    for pname, proto in parts.pieces.items():
+    total = len(parts.pieces)
+    for i, (pname, proto) in enumerate(parts.pieces.items()):
+        if progress:
+            progress(i, total, f"writing {pname}")
         rel = f"graphs/{pname}.onnx"
         path = root / rel
         onnx.save(proto, str(path))
@@ -82,6 +86,8 @@ def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str
         np.savez(root / "graphs" / "constants.npz", **arrays)  # type: ignore[arg-type]
         constants = Constants("graphs/constants.npz", sha256_file(root / "graphs" / "constants.npz"),
                               [TensorSpec(k, list(v.shape), str(v.dtype)) for k, v in arrays.items()])
+    if progress:
+        progress(total, total, "written")
     manifest = Manifest(model=model, input=input_spec, output=parts.output, pieces=specs,
                         program=list(parts.program.steps), policies=parts.policies,
                         state=list(parts.state), constants=constants, stream=parts.stream,
@@ -151,7 +157,7 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
         try:
-            manifest = _write(parts, tmp, info, input_spec)
+            manifest = _write(parts, tmp, info, input_spec, progress)
             replace_bundle(tmp, out, overwrite)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
