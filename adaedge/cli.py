@@ -294,6 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.data:
         raise UsageError("--data is for --precision int8 (the float pieces are verified against "
                          "the PyTorch reference on random clips)")
+    require("torch", "verifying against the PyTorch reference", "export")   # found, not loaded
     from .bundle import load as load_bundle
     manifest = load_bundle(args.bundle).manifest       # the manifest alone: no torch yet
     weights = manifest.model.get("weights") or {}

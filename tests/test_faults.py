@@ -284,14 +284,19 @@ def test_demo_on_a_full_disk_keeps_the_users_video_and_says_so(full_disk, tmp_pa
 
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_half_written(built, tmp_path):
-    """SIGINT, as Ctrl-C sends it, to real export, build and bench processes at work."""
+    """SIGINT, as Ctrl-C sends it, to real export, build, bench, demo and calibrate processes
+    at work."""
+    from adaedge.demo import default_video
     folder = _engine_folder(built)
     runs = [
         (["export", "vared_r2plus1d_18", "--random-weights", *TINY_CONFIG, "--out",
           str(tmp_path / "new")], lambda: any(p.name.startswith(".new.")
                                               for p in tmp_path.iterdir())),
         (["build", str(built)], lambda: any(folder.glob(".piece.*.tmp.onnx"))),
-        (["bench", str(built), "--reps", "100000", "--warmup", "0"], None)]
+        (["bench", str(built), "--reps", "100000", "--warmup", "0"], None),
+        (["demo", "--source", str(default_video()), "--bundle", str(built), "--headless",
+          "--output", str(tmp_path / "o.mp4")], None),                  # paced: 10 s of video
+        (["calibrate", "int8", str(built), "--data", "motion:val:2000"], None)]
     for args, started in runs:
         proc = adaedge(*args, "-q")
         if started is not None:
@@ -302,7 +307,8 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing_half_written(built, tmp_
         proc.send_signal(signal.SIGINT)
         code, out, err = finish([proc])[0]
         assert code == 130 and err == "adaedge: interrupted\n", (args[0], code, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]     # no half export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]     # no half export, no video
+    assert load_bundle(built).manifest.int8 is None                 # nor half a calibration
     assert not list(folder.glob(".*tmp*"))
     runtime.load(built).classify(np.zeros((1, 3, 5, 32, 32), np.float32))
 

@@ -87,6 +87,14 @@ def check_shapes(model: Any, what: str) -> None:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]        # inferred afresh, not taken from the file
+    # shapes come from the initializers' dims; only small integer tensors (shapes, axes, pads)
+    # are read as values, so the weights' data is dropped from the copy (a full-size network's
+    # hundreds of MB would be serialised for nothing)
+    for t in probe.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                           onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                           onnx.TensorProto.UINT8) and len(t.raw_data) > 4096:
+            t.ClearField("raw_data")
     for v in probe.graph.input:
         for d in v.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
