@@ -842,9 +842,10 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             if plot is not None and partial_png is not None:
                 try:
                     summary_png(summary, partial_png, legend)
-                except cv2.error as e:         # a full disk, as OpenCV says it
-                    raise SourceError(f"cannot write the summary plot {plot}: "
-                                      f"{str(e).strip().splitlines()[-1]}") from None
+                except (cv2.error, SourceError):     # a full disk, as OpenCV says it
+                    raise SourceError(f"cannot write the summary plot {plot} (is the disk full?"
+                                      f"{_full_hint(Path(plot))}); neither it nor the video "
+                                      "was replaced") from None
                 check_image(partial_png, Path(plot))
             if partial is not None:
                 os.replace(partial, str(output))

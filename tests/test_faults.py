@@ -339,3 +339,26 @@ def test_train_out_is_checked_before_any_training(tmp_path, capsys, model):
         assert "--minutes must be a positive number" in capsys.readouterr().err
     assert precious.read_bytes() == b"weeks of training" and card.read_text() == "its card"
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_demo_whose_plot_finds_a_full_disk_replaces_neither_file(tmp_path, capsys):
+    """The video fits (its folder has room) but the plot does not (a 16 KB file system): the
+    user's earlier video and plot stay as they were."""
+    from adaedge.cli import main
+    from adaedge.demo import default_video
+    bundle = tmp_path / "b"
+    export(tiny_model(), bundle, labels=[f"class{i}" for i in range(5)])
+    video = tmp_path / "keep.mp4"
+    video.write_bytes(b"my video")
+    with small_fs(tmp_path / "tiny", "16k") as tiny:
+        plot = tiny / "keep.png"
+        plot.write_bytes(b"my plot")
+        code = main(["demo", "--source", str(default_video()), "--bundle", str(bundle),
+                     "--headless", "--output", str(video), "--plot", str(plot), "--overwrite",
+                     "--max-frames", "30", "--no-pace", "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "keep.png" in err, err
+        assert plot.read_bytes() == b"my plot"
+        assert sorted(p.name for p in tiny.iterdir()) == ["keep.png"]
+    assert video.read_bytes() == b"my video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "keep.mp4", "tiny"]
