@@ -33,14 +33,34 @@ TINY_CONFIG = ["--config", "num_classes=5", "--config", "frames=5", "--config", 
                "--config", "width_mult=0.125"]
 
 
-def adaedge(*args: str, **kw) -> subprocess.Popen:
+def adaedge(*args: str, err: "Path | None" = None) -> subprocess.Popen:
+    """``python -m adaedge ARGS`` in a process of its own; its stderr to the file ``err`` (read
+    while it runs) or a pipe."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "adaedge", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=kw.get("cwd"))
+    proc = subprocess.Popen([sys.executable, "-m", "adaedge", *args], stdout=subprocess.PIPE,
+                            stderr=open(err, "w") if err is not None else subprocess.PIPE,
+                            text=True, env=env)
+    proc.err_file = err          # type: ignore[attr-defined]
+    return proc
 
 
 def finish(procs: List[subprocess.Popen], timeout: float = 300) -> List[tuple]:
-    return [(p.wait(timeout), *p.communicate()) for p in procs]
+    out = []
+    for p in procs:
+        code = p.wait(timeout)
+        stdout, stderr = p.communicate()
+        if getattr(p, "err_file", None) is not None:
+            stderr = p.err_file.read_text()        # type: ignore[attr-defined]
+        out.append((code, stdout, stderr))
+    return out
+
+
+def all_at_the_lock(procs: List[subprocess.Popen]) -> None:
+    """Wait until every process says it waits for the lock (started, loaded, standing there)."""
+    def there(p: subprocess.Popen) -> bool:
+        assert p.poll() is None, finish([p])
+        return "waiting for another adaedge process" in p.err_file.read_text()  # type: ignore
+    wait_for(lambda: all(there(p) for p in procs), timeout=240, what="the lock")
 
 
 def hold_lock(bundle: Path):
@@ -97,11 +117,10 @@ def test_two_calibrations_at_once_lose_neither_update(tmp_path):
     fd = hold_lock(out)
     try:
         procs = [adaedge("calibrate", "int8", str(out), "--data", str(data), "--clips", "24",
-                         "--min-clips", "4", "-q"),
+                         "--min-clips", "4", "-q", err=tmp_path / "int8.err"),
                  adaedge("calibrate", "exits", str(out), "--data", str(data), "--budget",
-                         f"{full:.6f}", "-q")]
-        time.sleep(3.0)                      # both are started and stand at the lock
-        assert all(p.poll() is None for p in procs)
+                         f"{full:.6f}", "-q", err=tmp_path / "exits.err")]
+        all_at_the_lock(procs)                # both are started and stand at the lock
     finally:
         os.close(fd)
     results = finish(procs)
@@ -126,15 +145,16 @@ def _engine_folder(bundle: Path) -> Path:
     return next((bundle / "engines").iterdir())
 
 
-def test_builds_and_readers_at_once_never_see_a_mix(built):
+def test_builds_and_readers_at_once_never_see_a_mix(built, tmp_path):
     """Two builds and a bench at once, while a third writer holds the lock: all wait, then all
     succeed, and the engines every later run uses are one build's."""
     fd = hold_lock(built)
     try:
-        procs = [adaedge("build", str(built), "-q"), adaedge("build", str(built), "-q"),
-                 adaedge("bench", str(built), "--reps", "2", "--warmup", "0", "--json", "-q")]
-        time.sleep(3.0)
-        assert all(p.poll() is None for p in procs)      # none ran past the lock
+        procs = [adaedge("build", str(built), "-q", err=tmp_path / "b1.err"),
+                 adaedge("build", str(built), "-q", err=tmp_path / "b2.err"),
+                 adaedge("bench", str(built), "--reps", "2", "--warmup", "0", "--json", "-q",
+                         err=tmp_path / "bench.err")]
+        all_at_the_lock(procs)                # none ran past the lock
     finally:
         os.close(fd)
     results = finish(procs)

@@ -7,7 +7,7 @@ inside a backend. So before any backend session is created, every piece (float a
 is checked here:
 
 * **Operators**: only those of :data:`ALLOWED` for the bundle's format version, the ones the
-  exporters write (``tests/test_operators.py`` exports every family's forms and checks that each
+  exporters write (and ``Identity``, which allocates nothing, for hand-written programs) (``tests/test_operators.py`` exports every family's forms and checks that each
   operator they use is listed, and that nothing else is); no control flow (``Loop``, ``Scan``,
   ``If``), nothing that sizes a tensor from a value (``ConstantOfShape``, ``Range``, ``Tile``,
   ``Resize``, ``NonZero``), no subgraphs, no functions but adaedge's own custom ops.
@@ -26,7 +26,7 @@ from .vocabulary import CUSTOM_DOMAIN, PLUGIN_OPS, SCHEMA_VERSION
 # the standard operators (domain "") adaedge's exporters write, per schema version
 _STANDARD_V1 = frozenset("""
 Abs Add ArgMax AveragePool Cast Ceil Clip Concat Conv CumSum Div Equal Expand Flatten
-Floor GRU Gather GatherElements Gemm GlobalAveragePool Greater GreaterOrEqual Less MatMul
+Floor GRU Gather GatherElements Gemm GlobalAveragePool Greater GreaterOrEqual Identity Less MatMul
 Max MaxPool Min Mul Pad ReduceMax ReduceMean ReduceSum Relu Reshape ScatterND Sigmoid Slice
 Softmax Split Squeeze Sub Tanh TopK Transpose Unsqueeze Where
 QuantizeLinear DequantizeLinear
