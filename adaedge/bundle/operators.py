@@ -7,8 +7,9 @@ inside a backend. So before any backend session is created, every piece (float a
 is checked here:
 
 * **Operators**: only those of :data:`ALLOWED` for the bundle's format version, the ones the
-  exporters write (and ``Identity``, which allocates nothing, for hand-written programs) (``tests/test_operators.py`` exports every family's forms and checks that each
-  operator they use is listed, and that nothing else is); no control flow (``Loop``, ``Scan``,
+  exporters write (``tests/test_operators.py`` exports every family's forms and checks that
+  each operator they use is listed, and that nothing else is, but ``Identity``, which allocates
+  nothing, for hand-written programs); no control flow (``Loop``, ``Scan``,
   ``If``), nothing that sizes a tensor from a value (``ConstantOfShape``, ``Range``, ``Tile``,
   ``Resize``, ``NonZero``), no subgraphs, no functions but adaedge's own custom ops.
 * **Shapes**: with one clip per call (the batch dimension set to 1), ONNX's shape inference
