@@ -42,7 +42,10 @@ def _ops(graph, into):
 
 def test_the_allow_list_is_exactly_what_the_exporters_write(tmp_path):
     forms = [(tiny_model(), {}), (tiny_model(), {"execution": "masked"}), (tiny_focus(), {})]
-    forms += [(tiny_tada(), {"execution": e}) for e in ("calibrated", "official", "uncalibrated")]
+    forms += [(tiny_tada(cal_dim=c), {"execution": e, "options": {"routing": r}})
+              for e, r, c in (("calibrated", "fused", "cin"), ("calibrated", "separate", "cin"),
+                              ("calibrated", "fused", "cout"), ("official", "fused", "cin"),
+                              ("official", "fused", "cout"), ("uncalibrated", "fused", "cin"))]
     forms += [(tiny_adafuse(), {"execution": e, "options": {"stream": s}})
               for e, s in (("dense", False), ("dense", True), ("gathered", True),
                            ("plain", False), ("plain", True))]
