@@ -382,3 +382,23 @@ def test_demo_whose_plot_finds_a_full_disk_replaces_neither_file(tmp_path, capsy
         assert sorted(p.name for p in tiny.iterdir()) == ["keep.png"]
     assert video.read_bytes() == b"my video"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "keep.mp4", "tiny"]
+
+
+def test_the_next_writer_removes_what_a_killed_writer_left(tmp_path, capsys):
+    """A writer killed between writing its temporary manifest (or int8 form) and renaming it
+    leaves the file; the next writer, holding the lock, removes it, and no user file."""
+    from adaedge.cli import main
+    out = tmp_path / "f"
+    export(tiny_focus(seed=1), out, weights={"source": "test"})
+    (out / "graphs" / "int8").mkdir()
+    stale = [out / ".manifest.json.k1ll3d.tmp", out / "graphs" / "int8" / ".x.onnx.k1ll3d.tmp"]
+    for p in stale:
+        p.write_text("half written")
+    mine = out / ".notes.tmp"
+    mine.write_text("my notes")
+    m = load_bundle(out).manifest
+    data = _clips_npz(tmp_path / "clips.npz", 16, tuple(m.clip_shape)[-4:], 10)
+    assert main(["calibrate", "exits", str(out), "--data", str(data), "--budget",
+                 f"{m.policy_flops('static') / 1e9:.6f}", "-q"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert mine.read_text() == "my notes"

@@ -3,7 +3,8 @@
 Every command that changes a bundle (``export --overwrite``'s swap, ``build``, ``calibrate exits``,
 ``calibrate int8``) holds the lock exclusively from reading the manifest to writing it, so that
 two writers never lose each other's update: the second waits (saying so on stderr) and then
-reads what the first wrote. Readers (``load``: a runtime loading its pieces and engines) hold it
+reads what the first wrote; it also removes the temporary files a killed writer left. Readers
+(``load``: a runtime loading its pieces and engines) hold it
 shared, so they see the engines and manifest before a writer or after it, never a mix.
 
 The lock is ``fcntl.flock`` on a file of the bundle's own (created without following a link the
@@ -94,6 +95,21 @@ def _acquire(root: Path, exclusive: bool, what: str) -> int:
         os.close(fd)                # the folder was replaced meanwhile: lock the new one
 
 
+def _remove_stale(root: Path) -> None:
+    """The temporary files of a writer that was killed (``write_atomic``'s ``.NAME.*.tmp``):
+    under the exclusive lock no other writer can own them."""
+    for folder, pattern in ((root, f".{MANIFEST}.*.tmp"), (root / "graphs" / "int8",
+                                                           ".*.onnx.*.tmp")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for stale in folder.glob(pattern):      # only adaedge's own names, never a user's file
+            if stale.is_file() or stale.is_symlink():
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+
+
 @contextlib.contextmanager
 def locked(root: Union[str, Path], exclusive: bool = True, what: str = "") -> Iterator[None]:
     """Hold the bundle's lock (exclusive for a writer, shared for a reader) within the block."""
@@ -109,6 +125,8 @@ def locked(root: Union[str, Path], exclusive: bool = True, what: str = "") -> It
         else:
             entry = [_acquire(root, exclusive, what), 1, exclusive]
             _held[key] = entry
+            if exclusive and entry[0] >= 0:
+                _remove_stale(root)
     try:
         yield
     finally:
