@@ -842,10 +842,13 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
             if plot is not None and partial_png is not None:
                 try:
                     summary_png(summary, partial_png, legend)
-                except (cv2.error, SourceError):     # a full disk, as OpenCV says it
-                    raise SourceError(f"cannot write the summary plot {plot} (is the disk full?"
-                                      f"{_full_hint(Path(plot))}); neither it nor the video "
-                                      "was replaced") from None
+                except (cv2.error, SourceError) as e:     # a full disk, as OpenCV says it
+                    reason = (str(e).strip().splitlines() or ["cannot write it"])[-1]
+                    reason = reason.replace(str(partial_png), str(plot))
+                    if str(plot) not in reason:
+                        reason = f"cannot write the summary plot {plot}: {reason}"
+                    raise SourceError(f"{reason}{_full_hint(Path(plot))}; neither it nor the "
+                                      "video was replaced") from None
                 check_image(partial_png, Path(plot))
             if partial is not None:
                 os.replace(partial, str(output))
@@ -887,11 +890,13 @@ def check_image_path(path: Path, flag: str) -> None:
 
 
 def _full_hint(path: Path) -> str:
+    """`` (is the disk full? N bytes free there)`` where little is free, else nothing."""
     try:
         st = os.statvfs(path.parent)
-        return f" ({st.f_bavail * st.f_frsize} bytes free there)"
     except OSError:
         return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (is the disk full? {free} bytes free there)" if free < 1 << 24 else ""
 
 
 def check_video(written: Path, frames: int, output: Path) -> None:
@@ -910,15 +915,15 @@ def check_video(written: Path, frames: int, output: Path) -> None:
     if count < frames:
         written.unlink(missing_ok=True)
         raise SourceError(f"the output video {output} could not be written whole: {count} of "
-                          f"its {frames} frames read back (is the disk full?"
-                          f"{_full_hint(output)}); {output} was left as it was")
+                          f"its {frames} frames read back{_full_hint(output)}; {output} was left "
+                          "as it was")
 
 
 def check_image(written: Path, output: Path) -> None:
     import cv2
     if not written.is_file() or cv2.imread(str(written)) is None:
-        raise SourceError(f"the summary plot {output} could not be written whole (is the disk "
-                          f"full?{_full_hint(output)}); neither it nor the video was replaced")
+        raise SourceError(f"the summary plot {output} could not be written whole"
+                          f"{_full_hint(output)}; neither it nor the video was replaced")
 
 
 def check_destination(path: Path, flag: str, source: Union[None, str, int, Path],

@@ -402,3 +402,26 @@ def test_the_next_writer_removes_what_a_killed_writer_left(tmp_path, capsys):
                  f"{m.policy_flops('static') / 1e9:.6f}", "-q"]) == 0
     assert not any(p.exists() for p in stale)
     assert mine.read_text() == "my notes"
+
+
+def test_an_export_killed_half_way_leaves_nothing_the_next_one_keeps(tmp_path):
+    """kill -9 while the pieces are written leaves the hidden folder it wrote into; the next
+    export to the same folder removes it (its lock is free); a hidden folder that is not an
+    export's stays. (One an export at work holds stays too: test_two_exports_... runs two at
+    once.)"""
+    out = tmp_path / "b"
+    proc = adaedge("export", "vared_r2plus1d_18", "--random-weights", *TINY_CONFIG, "--out",
+                   str(out), "-q")
+    wait_for(lambda: any(p.name.startswith(".b.") and (p / "graphs").is_dir()
+                         for p in tmp_path.iterdir()), what="the export writing its pieces")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+    assert left and not out.exists()
+    users = tmp_path / ".b.notmine"          # not tempfile's name: a user's folder
+    users.mkdir()
+    (users / LOCK).write_text("")
+    assert finish([adaedge("export", "vared_r2plus1d_18", "--random-weights", *TINY_CONFIG,
+                           "--out", str(out), "-q")])[0][0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.notmine", "b"]
+    load_bundle(out).verify_files()

@@ -31,7 +31,8 @@ from ..models.registry import KINETICS_MEAN, KINETICS_STD
 from ..progress import Progress
 from .flops import count_flops
 from .parts import Parts
-from .replace import old_bundle_files, replace_bundle, terminate_as_interrupt
+from .replace import (hold_temporary, old_bundle_files, remove_stale_temporaries,
+                      replace_bundle, terminate_as_interrupt)
 
 
 def _warn_non_finite(model: Any) -> None:
@@ -153,10 +154,13 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
                   "labels": list(labels) if labels is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     # the old bundle stays whole until the new one is complete; only what it lists is replaced
+    remove_stale_temporaries(out)      # what killed exports to the same folder left
     with terminate_as_interrupt():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
+        held = -1
         try:
+            os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
+            held = hold_temporary(tmp)
             manifest = _write(parts, tmp, info, input_spec, progress)
             replace_bundle(tmp, out, overwrite)
         except BaseException as e:
@@ -164,6 +168,9 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
             if isinstance(e, OSError) and not e.filename:   # a full disk: name the folder
                 raise OSError(e.errno, e.strerror or str(e), str(out)) from None
             raise
+        finally:
+            if held >= 0:
+                os.close(held)
     return manifest
 
 

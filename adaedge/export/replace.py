@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Set, Tuple
 
 from ..bundle import MANIFEST
-from ..bundle.lock import locked
+from ..bundle.lock import LOCK, locked
 from ..bundle.manifest import FORMAT
 from ..errors import ExportError
 
@@ -123,6 +123,49 @@ def _user_files(out: Path, owned: Set[str]) -> List[str]:
     return found
 
 
+def hold_temporary(tmp: Path) -> int:
+    """Mark ``tmp`` (the new bundle being written) as in use: an exclusive lock on its lock
+    file, held until the process ends or the descriptor is closed. A folder of this kind whose
+    lock is free belongs to an export that was killed (:func:`remove_stale_temporaries`)."""
+    import fcntl
+    fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove what exports to ``out`` that were killed (kill -9, a power cut) left beside it:
+    hidden folders ``.NAME.XXXXXXXX`` (tempfile's names) holding a lock file that no process
+    holds. The asides of an interrupted swap (``.NAME.old.*``) may hold the only copy of the old
+    bundle and are never removed."""
+    import fcntl
+    import re
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")
+    for folder in out.parent.glob(f".{glob_escape(out.name)}.*"):
+        lock = folder / LOCK
+        if not pattern.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir() \
+                or lock.is_symlink() or not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                     # an export at work
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    import glob
+    return glob.escape(name)
+
+
 def _claim(new: Path, out: Path) -> None:
     """Rename ``new`` to ``out`` where nothing is, or only an empty folder: ``rename`` does it
     atomically and fails where a folder with files is, so of two exports to one new folder
@@ -178,4 +221,5 @@ def _swap(new: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-__all__ = ["replace_bundle", "terminate_as_interrupt", "old_bundle_files", "Terminated"]
+__all__ = ["hold_temporary", "remove_stale_temporaries", "replace_bundle",
+           "terminate_as_interrupt", "old_bundle_files", "Terminated"]
