@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .bundle import Bundle
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .progress import Progress
 from .runtime.interpreter import Force, Runtime
 
@@ -247,6 +247,9 @@ def bench(runtime: Runtime, batch: int = 1, reps: int = 20, warmup: int = 2,
     ``plain-graph`` (:func:`plain_config`); ``breakdown`` profiles each configuration once more and
     attributes its time per clip to categories (:func:`profile_breakdown`).
     """
+    if budgets and not runtime.manifest.exits():
+        raise InputError(f"this bundle has no exits, so no budgets to time ({', '.join(budgets)} "
+                         "asked); leave --budget out")
     x = runtime.check_clips(clips if clips is not None else random_clips(runtime, batch, seed))
     if runtime.manifest.exits():
         chosen = exit_configs(runtime, x, seed, budgets)

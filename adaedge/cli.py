@@ -20,6 +20,7 @@ Every error a user can cause is an :class:`~adaedge.errors.AdaedgeError`, printe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -76,6 +77,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     require("torch", "adaedge export", "export")
+    progress = ProgressBar("export", not args.quiet)
+    progress(0, 3, "loading PyTorch")           # from the start: PyTorch alone takes seconds
     import torch
 
     from . import models
@@ -93,6 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                if getattr(args, o.name, None) is not None}
     fam.check_options(options)
     labels: Optional[List[str]] = None
+    progress(1, 3, "reading the checkpoint" if args.checkpoint else "building the model")
     if args.checkpoint is not None:
         model = models.load_model(args.checkpoint, name=args.model, **config)
         _, meta = models.read_checkpoint(args.checkpoint)
@@ -104,10 +108,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = models.create(args.model, **config)
         weights = {"source": "random", "seed": args.seed}
+    progress(3, 3, "cutting it into pieces")
     manifest = export(model, args.out, frames=args.frames, size=args.size,
                       execution=args.execution, labels=labels, weights=weights,
-                      overwrite=args.overwrite, progress=ProgressBar("export", not args.quiet),
-                      options=options)
+                      overwrite=args.overwrite, progress=progress, options=options)
     total = len(manifest.pieces)
     size = f"{manifest.input['size'][0]}x{manifest.input['size'][1]}"
     if manifest.window is not None:
@@ -187,11 +191,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(m.to_json(), indent=1))
         return 0
     spec = m.input
-    print(f"model     {m.model['name']} ({m.model.get('family')}), execution "
-          f"{m.model.get('execution', '?')}, weights {m.model.get('weights', {}).get('source')}")
-    print(f"input     {spec['name']}: N x {' x '.join(map(str, m.clip_shape))} ({spec['layout']}),"
-          f" mean {spec['mean']}, std {spec['std']}")
-    labels = spec.get("labels")
+    shown = printable
+    weights = (m.model.get("weights") or {}).get("source")
+    print(f"model     {shown(m.model['name'])} ({shown(m.model.get('family'))}), execution "
+          f"{shown(m.model.get('execution', '?'))}, weights {shown(weights)}")
+    print(f"input     {shown(spec['name'])}: N x {' x '.join(map(str, m.clip_shape))} "
+          f"({spec['layout']}), mean {spec['mean']}, std {spec['std']}")
+    labels = [shown(x) for x in spec.get("labels") or []]
     print(f"labels    {len(labels)}: {', '.join(labels[:10])}{' …' if len(labels) > 10 else ''}"
           if labels else "labels    none")
     print(f"pieces    {len(m.pieces)}; program: {len(m.program)} steps, {len(m.switches())} gates")
@@ -204,9 +210,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.int8 is not None:
         cal = m.int8.calibration
         print(f"int8      {len(m.int8.pieces)} of {len(m.pieces)} pieces, for "
-              f"{cal.get('target', '?')}, {cal.get('method', '?')} ranges on {cal.get('clips', '?')} "
-              f"clips ({cal.get('data', '?')}); {len(m.int8.kept_float)} kept in float")
+              f"{shown(cal.get('target', '?'))}, {shown(cal.get('method', '?'))} ranges on "
+              f"{shown(cal.get('clips', '?'))} clips ({shown(cal.get('data', '?'))}); "
+              f"{len(m.int8.kept_float)} kept in float")
     return 0
+
+
+MAX_HOST_VALUES = 1 << 30      # clips a command makes up front: 4 GiB of float32
+
+
+def check_clip_count(flag: str, count: int, manifest: Any) -> None:
+    """Refuse a count of clips whose arrays alone would exhaust memory, before any is made."""
+    per_clip = 1
+    for d in manifest.full_clip_shape:
+        per_clip *= int(d)
+    if count * per_clip > MAX_HOST_VALUES:
+        most = max(1, MAX_HOST_VALUES // per_clip)
+        raise UsageError(f"{flag} {count}: {count} clips of {'x'.join(map(str, manifest.full_clip_shape))} "
+                         f"would take {count * per_clip * 4 / 2**30:.1f} GiB before anything runs; "
+                         f"at most {most} here")
+
+
+def printable(value: Any) -> str:
+    """A manifest's string as a terminal may show it: control characters (escape sequences that
+    clear the screen or retitle the window) and invisible format characters (right-to-left
+    overrides that reorder what follows) are written as escapes, ``\\x1b``, ``\\u202e``."""
+    import unicodedata
+    text = str(value)
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp")
+                   else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def _threads(text: str) -> int:
@@ -261,6 +294,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.data:
         raise UsageError("--data is for --precision int8 (the float pieces are verified against "
                          "the PyTorch reference on random clips)")
+    require("torch", "verifying against the PyTorch reference", "export")   # found, not loaded
+    from .bundle import load as load_bundle
+    manifest = load_bundle(args.bundle).manifest       # the manifest alone: no torch yet
+    weights = manifest.model.get("weights") or {}
+    if args.checkpoint is None and not (weights.get("source") == "random"
+                                        and isinstance(weights.get("seed"), int)):
+        raise UsageError(f"{args.bundle} was exported from a checkpoint "
+                         f"({weights.get('file') or weights.get('source', 'unknown')}); verify "
+                         "compares it with PyTorch running that checkpoint: pass --checkpoint "
+                         "CKPT")
+    check_clip_count("--clips", args.clips or 2, manifest)
     from .verify import verify
     report = verify(args.bundle, args.checkpoint, clips=args.clips or 2, seed=args.seed,
                     rtol=args.rtol, backend=args.backend,
@@ -282,7 +326,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_table
+    from .bundle import load as load_bundle
     from .runtime import load
+    check_clip_count("--batch", args.batch, load_bundle(args.bundle).manifest)
     runtime = load(args.bundle, args.backend, sync_steps=args.sync_steps, path=args.path,
                    **backend_options(args))
     clips = None
@@ -306,8 +352,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .bundle import load as load_bundle
     from .calibration.exits import calibrate_exits, load_data
     if args.plot:                # a plot that cannot be written fails before thresholds are
-        from .demo import check_destination          # stored, not after
+        from .demo import check_destination, check_image_path   # stored, not after
         check_destination(Path(args.plot), "--plot", None, replace=True)
+        check_image_path(Path(args.plot), "--plot")
     clips, labels = load_data(args.data, load_bundle(args.bundle))   # the manifest alone
     report = calibrate_exits(args.bundle, clips, labels, args.budget, criterion=args.criterion,
                              default=args.default, precision=args.precision,
@@ -341,10 +388,18 @@ def cmd_calibrate_int8(args: argparse.Namespace) -> int:
     clips, labels = load_data(args.data, load_bundle(args.bundle), labelled=False)
     clips = clips[:args.clips]
     labels = labels[:args.clips] if labels is not None else None
-    report = calibrate_int8(args.bundle, clips, labels, data=f"{args.data}, first {len(clips)}",
-                            method=args.method, keep_float=args.keep_float,
-                            min_clips=args.min_clips, threads=args.threads, target=args.target,
-                            progress=ProgressBar("calibrate int8", not (args.quiet or args.json)))
+    import contextlib
+    # ONNX Runtime's calibrators print ("Collecting tensor data ...") to stdout: with --json,
+    # stdout holds the JSON report alone, so whatever they print goes to stderr
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else \
+        contextlib.nullcontext()
+    with quiet_stdout:
+        report = calibrate_int8(args.bundle, clips, labels,
+                                data=f"{args.data}, first {len(clips)}", method=args.method,
+                                keep_float=args.keep_float, min_clips=args.min_clips,
+                                threads=args.threads, target=args.target,
+                                progress=ProgressBar("calibrate int8",
+                                                     not (args.quiet or args.json)))
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -426,6 +481,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--model needs a model name (see 'adaedge models')")
         name = rest[i + 1]
         del rest[i:i + 2]
+    rest = _check_train_out(rest, default_out="demo.pt" if name == "vared_r2plus1d_18" else None)
     require("torch", "adaedge train", "export")
     from . import models
     trainer = models.family_of(name).train_function()
@@ -434,6 +490,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"adaedge has no training loop for {name!r} (it trains "
                          f"{', '.join(trainable)})")
     return int(trainer(rest))
+
+
+def _check_train_out(rest: List[str], default_out: Optional[str]) -> List[str]:
+    """What ``train`` will write, checked before any training (a run takes minutes to hours):
+    ``--out`` (and its model card, ``.md`` beside it) is not replaced without ``--overwrite``,
+    lies in a folder that exists, and is no folder itself; ``--minutes`` is a positive number.
+    Returns the arguments for the trainer (``--overwrite`` is this check's alone)."""
+    if any(a in ("-h", "--help") for a in rest):
+        return rest
+    import math
+    pre = argparse.ArgumentParser(prog="adaedge train", add_help=False)
+    pre.add_argument("--out", default=default_out)
+    pre.add_argument("--minutes")
+    pre.add_argument("--evaluate-only", action="store_true")
+    pre.add_argument("--overwrite", action="store_true")
+    known, _ = pre.parse_known_args(rest)
+    rest = [a for a in rest if a != "--overwrite"]
+    if known.minutes is not None:
+        try:
+            minutes = float(known.minutes)
+        except ValueError:
+            minutes = math.nan
+        if not math.isfinite(minutes) or minutes <= 0:
+            raise UsageError(f"--minutes must be a positive number of minutes, not "
+                             f"{known.minutes!r}")
+    if known.out is None or known.evaluate_only:
+        return rest            # the trainer asks for --out; --evaluate-only reads it
+    if not known.out.strip():
+        raise UsageError("--out is empty; name the checkpoint file to write")
+    out = Path(known.out)
+    card = out.with_suffix(".md")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the checkpoint file to write in it")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: the folder {out.parent} is not writable")
+    if not known.overwrite:
+        for path in (out, card):
+            if path.exists() or path.is_symlink():
+                raise UsageError(f"{path} exists; pass --overwrite to replace it (and "
+                                 f"{card.name}, its model card)")
+    return rest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,6 +808,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv[:1] == ["train"]:   # everything after 'train' belongs to the trainer's parser
             return cmd_train(argparse.Namespace(func=cmd_train, train_args=argv[1:]))
         families = None
+        if argv[:1] == ["export"] and not {"-q", "--quiet", "-h", "--help"} & set(argv):
+            # the parser needs the families, which need PyTorch: seconds before anything else
+            print("export: loading PyTorch and the models ...", file=sys.stderr, flush=True)
         if argv[:1] and argv[0] in TORCH_COMMANDS:
             try:
                 families = _families(f"adaedge {argv[0]}")
@@ -721,10 +823,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+        seed = getattr(args, "seed", None)
+        if seed is not None and not 0 <= seed < 2 ** 32:
+            raise UsageError(f"--seed must be from 0 to 2**32 - 1, not {seed}")
+        warmup = getattr(args, "warmup", None)
+        if warmup is not None and warmup < 0:
+            raise UsageError("--warmup must be at least 0")
         return int(args.func(args))
     except AdaedgeError as e:
         print(f"adaedge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:      # Ctrl-C (or SIGTERM while a bundle is written): cleaned up
+        print("adaedge: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:           # the machine's refusal: a full disk, a read-only folder
+        print(f"adaedge: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("adaedge: error: out of memory (ask for fewer clips or a smaller batch)",
+              file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for what the operating system refused: its reason and the path, no traceback."""
+    reason = e.strerror or str(e) or type(e).__name__
+    names = [n for n in (e.filename, getattr(e, "filename2", None)) if n]
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    elif e.errno == errno.EROFS:
+        reason = "the file system is read-only"
+    return f"{reason}: {' -> '.join(map(str, names))}" if names else reason
 
 
 if __name__ == "__main__":

@@ -754,6 +754,10 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         for path, flag in ((output, "--output"), (plot, "--plot")):
             if path is not None:
                 check_destination(Path(path), flag, src, overwrite or own)
+        if plot is not None:
+            check_image_path(Path(plot), "--plot")
+            if output is not None and os.path.abspath(plot) == os.path.abspath(output):
+                raise UsageError(f"--plot {plot} is also --output; give them two files")
         summary = Summary(description)
         if "static" in b.manifest.policies:
             summary.static_gflops = b.manifest.policy_flops("static") / 1e9
@@ -832,19 +836,38 @@ def run_demo(source: Union[None, str, int, Path] = None, bundle: Union[None, str
         elapsed = time.perf_counter() - t_begin
         summary.display_fps = summary.frames_read / elapsed if elapsed > 0 else 0.0
         summary.output = str(output) if output is not None else None
+        # both files are written and read back before either is put in place: a full disk
+        # (OpenCV's writer fails silently) leaves the user's earlier files as they were
         if writer is not None:
             writer.release()
             writer = None
             assert partial is not None
-            os.replace(partial, str(output))
-        if plot is not None:
-            partial_png = partial_path(Path(plot))
-            try:
-                summary_png(summary, partial_png, legend)
+            check_video(partial, summary.frames_written, Path(output))
+        partial_png = partial_path(Path(plot)) if plot is not None else None
+        try:
+            if plot is not None and partial_png is not None:
+                try:
+                    summary_png(summary, partial_png, legend)
+                except (cv2.error, SourceError) as e:     # a full disk, as OpenCV says it
+                    reason = (str(e).strip().splitlines() or ["cannot write it"])[-1]
+                    reason = reason.replace(str(partial_png), str(plot))
+                    if str(plot) not in reason:
+                        reason = f"cannot write the summary plot {plot}: {reason}"
+                    raise SourceError(f"{reason}{_full_hint(Path(plot))}; neither it nor the "
+                                      "video was replaced") from None
+                check_image(partial_png, Path(plot))
+            if partial is not None:
+                os.replace(partial, str(output))
+            if plot is not None and partial_png is not None:
                 os.replace(partial_png, plot)
-            finally:
+                summary.png = str(plot)
+        except BaseException:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            raise
+        finally:
+            if partial_png is not None:
                 partial_png.unlink(missing_ok=True)
-            summary.png = str(plot)
         if not headless:
             cv2.destroyAllWindows()
         return summary
@@ -861,6 +884,52 @@ DEFAULT_OUTPUT = "adaedge-demo.mp4"
 def partial_path(path: Path) -> Path:
     """Where ``path`` is written until the run succeeds (same folder and extension, hidden)."""
     return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def check_image_path(path: Path, flag: str) -> None:
+    """A plot is a PNG (or JPEG): another suffix is refused before any work is done."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"{flag} {path}: a plot is written as PNG; give a file ending in .png")
+
+
+def _full_hint(path: Path) -> str:
+    """`` (is the disk full? N bytes free there)`` where little is free, else nothing."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (is the disk full? {free} bytes free there)" if free < 1 << 24 else ""
+
+
+def check_video(written: Path, frames: int, output: Path) -> None:
+    """The written video must decode to the frames written, before it replaces anything."""
+    import cv2
+    cap = cv2.VideoCapture(str(written))
+    count = 0
+    try:
+        while cap.isOpened() and count < frames:
+            ok, _ = cap.read()
+            if not ok:
+                break
+            count += 1
+    finally:
+        cap.release()
+    if count < frames:
+        written.unlink(missing_ok=True)
+        raise SourceError(f"the output video {output} could not be written whole: {count} of "
+                          f"its {frames} frames read back{_full_hint(output)}; {output} was left "
+                          "as it was")
+
+
+def check_image(written: Path, output: Path) -> None:
+    import cv2
+    if not written.is_file() or cv2.imread(str(written)) is None:
+        raise SourceError(f"the summary plot {output} could not be written whole"
+                          f"{_full_hint(output)}; neither it nor the video was replaced")
 
 
 def check_destination(path: Path, flag: str, source: Union[None, str, int, Path],

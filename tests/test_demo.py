@@ -175,8 +175,9 @@ def test_a_failed_run_leaves_no_partial_video(labelled_bundle, tmp_path, monkeyp
     with pytest.raises(SourceError, match="drawing failed"):
         run_demo(source=default_video(), bundle=labelled_bundle, headless=True, output=out,
                  max_frames=10, pace=False, log=lambda s: None)
-    assert out.is_file()          # the video was complete and is kept; the plot is not there
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
+    # both files or neither: the video was complete, but with its plot missing neither is put
+    # in place (a user's earlier o.mp4 would be left as it was), and no partial file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_video_that_stops_decoding_half_way_is_reported(labelled_bundle, tmp_path, capsys):

@@ -20,7 +20,6 @@ from hypothesis import strategies as st  # noqa: E402
 from adaedge import runtime  # noqa: E402
 from adaedge.errors import AdaedgeError  # noqa: E402
 
-from .conftest import clips  # noqa: E402
 
 Path_ = Tuple[Union[str, int], ...]
 
@@ -73,16 +72,33 @@ def _apply(manifest: Any, kind: str, where: Path_, value: Any) -> Any:
     return data
 
 
-@pytest.fixture(scope="module")
-def fuzz_root(tiny_bundle, tmp_path_factory):
+@pytest.fixture(scope="module", params=["vared", "focus"])
+def fuzz_root(request, tiny_bundle, tmp_path_factory):
+    """The tiny VA-RED² bundle (gates) and a tiny AdaFocusV3 bundle (exits with thresholds)."""
     root = tmp_path_factory.mktemp("fuzz") / "b"
-    shutil.copytree(tiny_bundle, root)
+    if request.param == "vared":
+        shutil.copytree(tiny_bundle, root)
+    else:
+        from adaedge.export import export
+        from .test_adafocus import tiny_focus
+        export(tiny_focus(seed=1), root, weights={"source": "test"})
+        data = json.loads((root / "manifest.json").read_text())
+        for step in data["program"]:
+            if step["op"] == "exit":
+                step["thresholds"] = {"default": 0.5, "0.01": 1.0}
+        (root / "manifest.json").write_text(json.dumps(data))
     return root
 
 
-def test_every_manifest_mutation_runs_or_is_refused_with_our_error(fuzz_root):
+def test_every_manifest_mutation_runs_or_is_refused_with_our_error(fuzz_root, capsys):
+    """Each mutation of one field: the bundle loads and classifies one clip and a batch of
+    three (a value a step reads may be missed on one path and not another), and ``info``
+    prints it, or each is refused with adaedge's own error."""
+    from adaedge.cli import main
     manifest = json.loads((fuzz_root / "manifest.json").read_text())
-    x = clips(2).numpy()
+    shape = json.loads((fuzz_root / "manifest.json").read_text())["input"]
+    x = np.random.default_rng(0).standard_normal(
+        (3, shape["channels"], shape["frames"], *shape["size"])).astype(np.float32)
 
     @settings(max_examples=80, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -90,14 +106,88 @@ def test_every_manifest_mutation_runs_or_is_refused_with_our_error(fuzz_root):
     def check(mutation: Tuple[str, Path_, Any]) -> None:
         data = _apply(manifest, *mutation)
         (fuzz_root / "manifest.json").write_text(json.dumps(data))
+        assert main(["info", str(fuzz_root)]) in (0, 2), mutation
+        capsys.readouterr()
         try:
             rt = runtime.load(fuzz_root)
-            result = rt.classify(x)
         except AdaedgeError:
             return
-        assert result.scores.shape[0] == 2 and np.isfinite(result.scores).all(), mutation
+        for n in (1, 3):
+            try:
+                result = rt.classify(x[:n])
+            except AdaedgeError:
+                continue
+            assert result.scores.shape[0] == n and np.isfinite(result.scores).all(), mutation
 
     try:
         check()
     finally:
         (fuzz_root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _exit_reads_nothing(m):
+    for s in m["program"]:
+        if s["op"] == "exit":
+            s["scores"] = "nothing"
+
+
+CASES = {   # the manifest values a fuzz of every field found, each refused in one line
+    "an integer of 5000 digits": (lambda m: m["pieces"]["head"].update(flops=12345),
+                                  ('"flops": 12345', '"flops": ' + "9" * 5000),
+                                  "an integer of 5000 digits"),
+    "model.weights a string": (lambda m: m["model"].update(weights="x"), None,
+                               "model.weights must be an object"),
+    "state a number": (lambda m: m.update(state=5), None, "state must be a list"),
+    "input.size unbounded": (lambda m: m["input"].update(size=[1000000, 1000000]), None,
+                             "more than 268435456"),
+    "input.frames unbounded": (lambda m: m["input"].update(frames=1000000), None,
+                               "more than 268435456"),
+    "a carry of nothing": (lambda m: m["program"].append(
+        {"op": "carry", "name": "c", "value": "nothing", "state": "s"}), None,
+        "reads the value 'nothing'"),
+    "a carry into no state": (lambda m: m["program"].append(
+        {"op": "carry", "name": "c", "value": m["output"], "state": "nowhere"}), None,
+        "the state 'nowhere', which the manifest's state does not declare"),
+    "exit scores of nothing": (_exit_reads_nothing, None, "reads the value 'nothing'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_manifest_value_the_fuzz_found_is_one_line_at_every_batch(case, tiny_bundle,
+                                                                       tmp_path, capsys):
+    from adaedge.cli import main
+    edit, raw, message = CASES[case]
+    root = tmp_path / "b"
+    if case.startswith("exit"):
+        from adaedge.export import export
+        from .test_adafocus import tiny_focus
+        export(tiny_focus(seed=1), root, weights={"source": "test"})
+    else:
+        shutil.copytree(tiny_bundle, root)
+    data = json.loads((root / "manifest.json").read_text())
+    edit(data)
+    text = json.dumps(data)
+    if raw:
+        text = text.replace(*raw)
+    (root / "manifest.json").write_text(text)
+    for args in (["info", str(root)], ["info", str(root), "--json"],
+                 *(["bench", str(root), "--batch", n, "--reps", "1", "--warmup", "0", "-q"]
+                   for n in ("1", "3"))):
+        assert main(args) == 2, (case, args)
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, (case, captured)
+        assert message in captured.err, (case, captured.err)
+
+
+def test_info_escapes_terminal_controls_and_bidi_overrides(tiny_bundle, tmp_path, capsys):
+    from adaedge.cli import main
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle, root)
+    data = json.loads((root / "manifest.json").read_text())
+    data["model"]["family"] = "\x1b[2J\x1b]0;owned\x07vared"
+    data["input"]["labels"] = ["\x1b[31mred", "abc\u202edcba", "c", "d", "e"]
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b[2J\\x1b]0;owned\\x07vared" in out and "abc\\u202edcba" in out

@@ -224,7 +224,7 @@ def test_build_cache_is_used_and_stale_or_corrupt_engines_are_never_run(tiny, tm
     (folder / "index.json").write_text(json.dumps(index))
     assert _rel(runtime.load(out).classify(x).scores, fresh) <= RTOL
     # a corrupt engine is refused with a clear message, never run
-    (folder / "stem_s.gate.onnx").write_bytes(b"garbage")
+    (folder / index["pieces"]["stem_s.gate"]["file"]).write_bytes(b"garbage")
     with pytest.raises(BundleError, match="corrupt; run 'adaedge build' again"):
         runtime.load(out)
 

@@ -466,3 +466,50 @@ def _infer(client: Any, mod: Any, model: str, x: np.ndarray, stream: int = 0,
     result = client.infer(model, inputs)
     return {k: result.as_numpy(k) for k in ("scores", "label", "branches", "flops", "exit",
                                             "stream_position")}
+
+
+@needs_server
+def test_ready_only_when_every_model_answers(tiny_bundle, stream_bundle, tmp_path):
+    """A client (a Kubernetes readiness probe) polls /v2/health/ready from the first moment the
+    port listens; at its first 200 it asks every model for its metadata and an answer at once:
+    none may be missing ('404 unknown model') or fail."""
+    import subprocess
+    import time
+    import urllib.error
+    import tritonclient.http as http
+    port = free_port(count=4)
+    proc = subprocess.Popen([sys.executable, "-m", "adaedge", "serve", f"tiny={tiny_bundle}",
+                             f"fuse={stream_bundle}", "--port", str(port), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 180
+        polls = 0
+        while True:
+            assert proc.poll() is None, "the server ended before it was ready"
+            assert time.monotonic() < end, "never ready"
+            try:
+                with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            polls += 1
+            time.sleep(0.01)
+        for name in ("tiny", "fuse"):            # at once: no sleep after readiness
+            with urllib.request.urlopen(f"{base}/v2/models/{name}", timeout=5) as r:
+                assert r.status == 200 and json.loads(r.read())["name"] == name
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        x = varied_clips(1).numpy()
+        out = _infer(client, http, "tiny", x)
+        assert close(out["scores"], load(tiny_bundle).classify(x).scores) < RTOL
+        out = _infer(client, http, "fuse", frames(1), stream=7, start=True)
+        assert out["stream_position"].ravel().tolist() == [1]
+        assert polls > 0                      # it was asked before it was ready, and said no
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -12,11 +12,12 @@ import hashlib
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Union
 
 from ..errors import BundleError
 from .int8 import check_precision
 from .manifest import Manifest, parse_manifest
+from .operators import check_operators, check_shapes
 from .program import Exit
 from .paths import safe_join, sha256_file, write_atomic
 from .vocabulary import ENGINES, MANIFEST
@@ -36,6 +37,7 @@ class Bundle:
         self.precision = precision
         self.base = base if base is not None else self
         self._verified: Dict[str, Path] = {}
+        self._graphs_checked: Set[str] = set()
 
     def with_precision(self, precision: str) -> "Bundle":
         """The bundle as a backend runs it at ``precision``: ``"fp32"`` is the bundle itself;
@@ -70,9 +72,18 @@ class Bundle:
         """The piece's ONNX bytes, read once and checked against the manifest's SHA-256 (the
         bytes handed on are the bytes hashed)."""
         piece = self.manifest.pieces[name]
-        data = self._file(piece.file, None, f"piece {name!r}").read_bytes()
+        path = self._file(piece.file, None, f"piece {name!r}")
+        check_size(path, MAX_PIECE_BYTES, f"bundle {self.root}: piece {name!r}")
+        data = path.read_bytes()
         self._check_digest(hashlib.sha256(data).hexdigest(), piece.sha256, f"piece {name!r}",
                            piece.file)
+        if name not in self._graphs_checked:     # before any backend sees it
+            what = f"bundle {self.root}: piece {name!r}"
+            model = parse_onnx(data, what)
+            check_operators(model, what)
+            check_io(model, piece, f"piece {name!r}")
+            check_shapes(model, what)
+            self._graphs_checked.add(name)
         return data
 
     def piece_model(self, name: str) -> Any:
@@ -88,6 +99,7 @@ class Bundle:
         if not path.is_file():
             raise BundleError(f"bundle {self.root}: {what} is missing its file {relative}")
         if sha256 is not None:
+            check_size(path, MAX_PIECE_BYTES, f"bundle {self.root}: {what}")
             self._check_digest(sha256_file(path), sha256, what, relative)
         return path
 
@@ -107,9 +119,11 @@ class Bundle:
         spec = self.manifest.constants
         if spec is None:
             return {}
-        path = self._file(spec.file, spec.sha256, "constants file")
+        path = self._file(spec.file, None, "constants file")
         out: Dict[str, Any] = {}
         try:
+            self._check_constant_sizes(path, spec)     # from the file system and the headers
+            self._check_digest(sha256_file(path), spec.sha256, "constants file", spec.file)
             with np.load(path, allow_pickle=False) as data:
                 for t in spec.tensors:
                     if t.name not in data.files:
@@ -125,6 +139,41 @@ class Bundle:
                 raise
             raise BundleError(f"bundle {self.root}: cannot read constants {spec.file}: {e}") from None
         return out
+
+    def _check_constant_sizes(self, path: Path, spec: Any) -> None:
+        """The constants file, each array's size in the zip and its .npy header must be the
+        manifest's before anything is decompressed: a few MB of deflated zeros can claim
+        gigabytes."""
+        import numpy as np
+        from numpy.lib import format as npy
+        where = f"bundle {self.root}: constants {spec.file}"
+        expected = {t.name: int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+                    for t in spec.tensors}
+        header = 1 << 16                    # an .npy header is far smaller
+        check_size(path, sum(expected.values()) + header * (len(expected) + 1), where)
+        with zipfile.ZipFile(path) as zf:
+            for t in spec.tensors:
+                try:
+                    info = zf.getinfo(f"{t.name}.npy")
+                except KeyError:
+                    raise BundleError(f"{where} lacks {t.name!r}") from None
+                if info.file_size > expected[t.name] + header:
+                    raise BundleError(f"{where}: {t.name!r} unpacks to {info.file_size} bytes, "
+                                      f"but the manifest's {t.dtype}{list(t.shape)} is "
+                                      f"{expected[t.name]}")
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npy.read_array_header_2_0(f)
+                    else:
+                        raise BundleError(f"{where}: {t.name!r} has an .npy header of version "
+                                          f"{version}")
+                if list(shape) != list(t.shape) or str(dtype) != t.dtype:
+                    raise BundleError(f"bundle {self.root}: constant {t.name!r} is "
+                                      f"{dtype}{list(shape)}, the manifest says "
+                                      f"{t.dtype}{list(t.shape)}")
 
     def engine_dir(self, key: str) -> Path:
         """A backend's cache folder (each precision has its own)."""
@@ -236,7 +285,7 @@ def load(root: Union[str, Path]) -> Bundle:
                           f"{MAX_MANIFEST_BYTES}")
     try:
         with open(mpath, "r", encoding="utf-8") as f:
-            data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+            data = json.load(f, object_pairs_hook=_no_duplicate_keys, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
     except RecursionError:
@@ -245,6 +294,25 @@ def load(root: Union[str, Path]) -> Bundle:
 
 
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_PIECE_BYTES = 2 << 30        # protobuf's own limit: no ONNX file of a piece is larger
+
+
+def check_size(path: Path, limit: int, what: str) -> None:
+    """Refuse a file over ``limit`` bytes from the file system, before reading or hashing it
+    (a sparse file of 30 GB costs nothing to make and minutes to read)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise BundleError(f"{what} ({path.name}) is {size} bytes, more than the {limit} any "
+                          "adaedge file of its kind holds")
+
+
+def _bounded_int(text: str) -> int:
+    """JSON integers of at most 19 digits (int64): a 5000-digit one is refused as such, not by
+    Python's limit on converting long digit strings."""
+    if len(text.lstrip("-")) > 19:
+        raise BundleError(f"manifest: an integer of {len(text.lstrip('-'))} digits; no field "
+                          "of a manifest holds more than 19")
+    return int(text)
 
 
 def _no_duplicate_keys(pairs: "list[tuple[str, Any]]") -> Dict[str, Any]:

@@ -178,7 +178,63 @@ def _input_spec(data: Dict[str, Any]) -> Dict[str, Any]:
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str)
                                                                      for x in labels)):
         raise BundleError("manifest: input.labels must be a list of strings or null")
+    values = spec["channels"] * spec["frames"] * size[0] * size[1]
+    if values > MAX_CLIP_VALUES:        # before anything (bench's random clips) is sized by it
+        raise BundleError(f"manifest: a clip of input.channels x frames x size "
+                          f"({spec['channels']}x{spec['frames']}x{size[0]}x{size[1]}) holds "
+                          f"{values} values, more than {MAX_CLIP_VALUES}")
     return spec
+
+
+MAX_CLIP_VALUES = 1 << 28        # one clip's values (the bound on every tensor of a piece too)
+
+
+def _model_info(data: Dict[str, Any]) -> Dict[str, Any]:
+    """``model``: the fields the tools print, of the types they print."""
+    model = need(data, "model", dict, "manifest")
+    name(need(model, "name", str, "model"), "model.name")
+    for key, kind in (("family", str), ("execution", str), ("config", dict), ("options", dict),
+                      ("weights", dict), ("branch_titles", dict)):
+        if model.get(key) is not None and not isinstance(model[key], kind):
+            raise BundleError(f"manifest: model.{key} must be {'a string' if kind is str else 'an object'}, "
+                              f"not {type(model[key]).__name__}")
+    return model
+
+
+def _check_dataflow(program: List[Step], available: set, state: List[TensorSpec],
+                    output: str) -> None:
+    """Every value a step reads is the input, a constant, a state or written by an earlier step;
+    a carry names a declared state; the output is written. (The interpreter would otherwise find
+    the gap only on the path that reaches it, with some batches and not others.)"""
+    have = set(available)
+    states = {t.name for t in state}
+
+    def reads(values: Any, where: str) -> None:
+        for v in values:
+            if v not in have:
+                raise BundleError(f"manifest: {where} reads the value {v!r}, which no earlier "
+                                  "step writes (nor the input, a constant or a state)")
+    for i, step in enumerate(program):
+        where = f"program[{i}] ({step.name!r})"
+        if isinstance(step, Run):
+            reads(step.inputs.values(), where)
+            have.update(step.outputs.values())
+        elif isinstance(step, Switch):
+            if step.gate is not None:
+                reads(step.gate.inputs.values(), f"{where}.gate")
+            if step.select is not None:
+                reads([step.select], where)
+            reads(step.inputs.values(), where)
+            have.update(step.outputs.values())
+        elif isinstance(step, Exit):
+            reads([step.scores], where)
+        elif isinstance(step, Carry):
+            reads([step.value], where)
+            if step.state not in states:
+                raise BundleError(f"manifest: {where} carries into the state {step.state!r}, "
+                                  "which the manifest's state does not declare")
+    if output not in have:
+        raise BundleError(f"manifest: the output value {output!r} is never written")
 
 
 def _policies(data: Dict[str, Any], program: List[Step]) -> Dict[str, Dict[str, int]]:
@@ -211,15 +267,16 @@ def parse_manifest(data: Any) -> Manifest:
         raise BundleError(f"bundle schema version {version} is not supported by this adaedge "
                           f"(it reads version {SCHEMA_VERSION}); re-export the bundle with this "
                           "adaedge, or install the adaedge that wrote it")
-    model = need(data, "model", dict, "manifest")
-    name(need(model, "name", str, "model"), "model.name")
+    model = _model_info(data)
     spec = _input_spec(data)
     output = name(need(data, "output", str, "manifest"), "output")
     pieces = {pname: Piece.from_json(pname, p, f"pieces[{pname!r}]")
               for pname, p in need(data, "pieces", dict, "manifest").items()}
     program = parse_program(need(data, "program", list, "manifest"), pieces)
-    state = [TensorSpec.from_json(t, f"state[{i}]")
-             for i, t in enumerate(data.get("state", []) or [])]
+    raw_state = data.get("state", []) or []
+    if not isinstance(raw_state, list):
+        raise BundleError(f"manifest: state must be a list, not {type(raw_state).__name__}")
+    state = [TensorSpec.from_json(t, f"state[{i}]") for i, t in enumerate(raw_state)]
     policies = _policies(data, program)
     constants = None
     if data.get("constants") is not None:
@@ -232,6 +289,9 @@ def parse_manifest(data: Any) -> Manifest:
         if spec["frames"] != 1:
             raise BundleError("manifest: a stream bundle takes one frame per call (input.frames 1)")
         stream = {"window": int(st["window"])}
+    _check_dataflow(program, {spec["name"], *(t.name for t in state),
+                              *(t.name for t in (constants.tensors if constants else []))},
+                    state, output)
     int8 = None
     if data.get("int8") is not None:
         int8 = Int8Forms.from_json(data["int8"], pieces,

@@ -74,13 +74,24 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> Path:
             # would (0644 under the usual umask), so a server running as another user reads it
             os.fchmod(f.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not e.filename:    # a full disk names no file: say which
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     return path
 
 
-__all__ = ["child", "current_umask", "safe_join", "sha256_file", "write_atomic"]
+def free_bytes(folder: Union[str, Path]) -> int:
+    """Bytes a process may still write in ``folder``'s file system (-1 when unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+__all__ = ["child", "current_umask", "free_bytes", "safe_join", "sha256_file", "write_atomic"]

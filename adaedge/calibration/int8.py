@@ -39,6 +39,7 @@ import numpy as np
 from ..bundle import (Bundle, Run, Switch, budget_key, safe_join, sha256_file, write_atomic,
                       write_manifest)
 from ..bundle import load as load_bundle
+from ..bundle.lock import writes_bundle
 from ..bundle.folder import check_io, parse_onnx
 from ..bundle.int8 import Int8Forms, Int8Piece
 from ..bundle.paths import child
@@ -323,6 +324,7 @@ def _collect(runtime: Runtime, store: _Store, x: np.ndarray,
     return observed
 
 
+@writes_bundle("calibrate int8")   # one writer at a time: read, solve, write
 def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: str = "",
                    method: str = "minmax", keep_float: Sequence[str] = (),
                    min_clips: int = MIN_CLIPS, threads: Optional[int] = None,

@@ -24,13 +24,15 @@ from ..bundle.paths import current_umask
 from ..bundle import (MANIFEST, Constants, Manifest, Piece, TensorSpec, sha256_file,
                       write_manifest)
 from ..bundle.folder import value_dtype, value_shape
+from ..bundle.operators import MAX_VALUES
 from ..errors import ExportError
 from ..models import family_of, model_config, model_name
 from ..models.registry import KINETICS_MEAN, KINETICS_STD
 from ..progress import Progress
 from .flops import count_flops
 from .parts import Parts
-from .replace import old_bundle_files, replace_bundle, terminate_as_interrupt
+from .replace import (hold_temporary, old_bundle_files, remove_stale_temporaries,
+                      replace_bundle, terminate_as_interrupt)
 
 
 def _warn_non_finite(model: Any) -> None:
@@ -62,11 +64,15 @@ def _prepare_destination(out: Path, overwrite: bool) -> None:
                                   "(--overwrite) to replace it")
 
 
-def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str, Any]) -> Manifest:
+def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str, Any],
+           progress: Progress = None) -> Manifest:
     """Write the pieces, constants and manifest of ``parts`` into the folder ``root``."""
     (root / "graphs").mkdir()
     specs: Dict[str, Piece] = {}
-    for pname, proto in parts.pieces.items():
+    total = len(parts.pieces)
+    for i, (pname, proto) in enumerate(parts.pieces.items()):
+        if progress:
+            progress(i, total, f"writing {pname}")
         rel = f"graphs/{pname}.onnx"
         path = root / rel
         onnx.save(proto, str(path))
@@ -81,6 +87,8 @@ def _write(parts: Parts, root: Path, model: Dict[str, Any], input_spec: Dict[str
         np.savez(root / "graphs" / "constants.npz", **arrays)  # type: ignore[arg-type]
         constants = Constants("graphs/constants.npz", sha256_file(root / "graphs" / "constants.npz"),
                               [TensorSpec(k, list(v.shape), str(v.dtype)) for k, v in arrays.items()])
+    if progress:
+        progress(total, total, "written")
     manifest = Manifest(model=model, input=input_spec, output=parts.output, pieces=specs,
                         program=list(parts.program.steps), policies=parts.policies,
                         state=list(parts.state), constants=constants, stream=parts.stream,
@@ -115,9 +123,14 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
     size = int(size or getattr(model, "size"))
     if frames < 1 or size < 8:
         raise ExportError(f"frames must be >= 1 and size >= 8, got frames={frames} size={size}")
+    if 3 * frames * size * size > MAX_VALUES:       # before the model runs at that size
+        raise ExportError(f"a clip of {frames}x{size}x{size} holds {3 * frames * size * size} "
+                          f"values, more than a bundle's {MAX_VALUES} per tensor")
     num_classes = getattr(model, "num_classes", None)
     if labels is not None and num_classes is not None and len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
+    if not os.fspath(out):
+        raise ExportError("the bundle folder to write (--out) is empty; name a folder")
     out = Path(out)
     _prepare_destination(out, overwrite)
     _warn_non_finite(model)
@@ -141,15 +154,23 @@ def export(model: Any, out: Union[str, os.PathLike], frames: Optional[int] = Non
                   "labels": list(labels) if labels is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     # the old bundle stays whole until the new one is complete; only what it lists is replaced
+    remove_stale_temporaries(out)      # what killed exports to the same folder left
     with terminate_as_interrupt():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
+        held = -1
         try:
-            manifest = _write(parts, tmp, info, input_spec)
-            replace_bundle(tmp, out)
-        except BaseException:
+            os.chmod(tmp, 0o777 & ~current_umask())    # mkdtemp's 0700 would hide the bundle
+            held = hold_temporary(tmp)
+            manifest = _write(parts, tmp, info, input_spec, progress)
+            replace_bundle(tmp, out, overwrite)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and not e.filename:   # a full disk: name the folder
+                raise OSError(e.errno, e.strerror or str(e), str(out)) from None
             raise
+        finally:
+            if held >= 0:
+                os.close(held)
     return manifest
 
 

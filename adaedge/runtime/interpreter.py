@@ -20,8 +20,9 @@ import numpy as np
 
 from ..bundle import Bundle, Carry, Exit, Manifest, Run, Switch, budget_key
 from ..bundle import load as load_bundle
+from ..bundle.lock import locked
 from ..bundle.program import Branch, Step
-from ..errors import BundleError, InputError
+from ..errors import BundleError, InputError, UsageError
 from ..progress import Progress
 from .arrays import ArrayOps
 from .backends import Backend, Executable, create_backend
@@ -104,6 +105,23 @@ def exit_measure(scores: np.ndarray, criterion: str) -> np.ndarray:
     return p.max(axis=1)
 
 
+def _check_arguments(budget: Any, exit_at: Any, state: Any) -> None:
+    """``classify``'s keyword arguments of the types it takes, or an :class:`InputError`."""
+    if budget is not None and not isinstance(budget, str) and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float, np.number))
+            or not np.isfinite(budget)):
+        raise InputError(f"budget must be a stored budget's name or a finite number of GFLOPs, "
+                         f"not {budget!r}")
+    if exit_at is not None and not isinstance(exit_at, str):
+        if not isinstance(exit_at, (list, tuple, np.ndarray)) or not all(
+                e is None or isinstance(e, str) for e in exit_at):
+            raise InputError(f"exit_at must be an exit's name, or one name (or None) per clip, "
+                             f"not {exit_at!r}")
+    if state is not None and not isinstance(state, Mapping):
+        raise InputError(f"state must be a mapping of state names to arrays (as Result.state "
+                         f"holds it), not {type(state).__name__}")
+
+
 class Runtime:
     """A loaded bundle: one executable per piece, and the program that strings them together."""
 
@@ -125,16 +143,18 @@ class Runtime:
         # step waits for the device (per-piece timings, slower overall)
         self._sync: Optional[Callable[[], None]] = backend.synchronize if sync_steps else None
         used = self.manifest.used_pieces()
-        self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
-                                          for k, v in bundle.constants().items()}
         # pieces exported for one clip (or stream) per call: a group of several runs row by row
         self._single = {n for n, p in self.manifest.pieces.items()
                         if p.inputs and p.inputs[0].shape[:1] == [1]}
         self.executables: Dict[str, Executable] = {}
-        for i, name in enumerate(used):
-            if progress:
-                progress(i, len(used), name)
-            self.executables[name] = backend.load(bundle, name)
+        # a reader: the files as they are before a writer (build, calibrate) or after it
+        with locked(bundle.root, exclusive=False):
+            self.constants: Dict[str, Any] = {k: self.ops.from_host(v)
+                                              for k, v in bundle.constants().items()}
+            for i, name in enumerate(used):
+                if progress:
+                    progress(i, len(used), name)
+                self.executables[name] = backend.load(bundle, name)
         if progress:
             progress(len(used), len(used), "loaded")
         self._flops = {n: p.flops for n, p in self.manifest.pieces.items()}
@@ -281,6 +301,7 @@ class Runtime:
         More than ``MAX_CALL_CLIPS`` (64) clips run as calls of 64, with the same results, so
         that memory stays bounded however many clips one call is given.
         """
+        _check_arguments(budget, exit_at, state)
         return self._classify(self.check_clips(clips), force, budget, exit_at, keep_values,
                               state, exits, graph)
 
@@ -681,17 +702,26 @@ def load(bundle: Union[str, Path, Bundle], backend: Union[str, Backend] = "onnxr
     one clip per call as the program compiled into one graph where the backend can
     (:mod:`.compile`) and batches piece by piece; ``"pieces"`` always piece by piece;
     ``"compiled"`` requires the compiled graph for single clips."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if not isinstance(backend, (str, Backend)):
+        raise UsageError(f"backend must be a backend's name or a Backend, not "
+                         f"{type(backend).__name__}")
     be = create_backend(backend, **options) if isinstance(backend, str) else backend
-    return Runtime(b, be, progress, sync_steps, path)
+    if isinstance(bundle, Bundle):
+        return Runtime(bundle, be, progress, sync_steps, path)
+    with locked(bundle, exclusive=False):        # the manifest and its files of one moment
+        return Runtime(load_bundle(bundle), be, progress, sync_steps, path)
 
 
 def build(bundle: Union[str, Path, Bundle], backend: str = "onnxruntime",
           progress: Progress = None, **options: Any) -> Path:
     """Prepare the backend's engines into the bundle's cache; returns the cache folder."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     be = create_backend(backend, **options)
-    return be.build(be.bundle_for(b), progress)
+    root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+    if not root.is_dir():
+        load_bundle(root)                 # says what is wrong with it
+    with locked(root, what="build"):      # one writer at a time; the manifest read under it
+        b = load_bundle(root) if not isinstance(bundle, Bundle) else bundle
+        return be.build(be.bundle_for(b), progress)
 
 
 __all__ = ["Runtime", "Stream", "Result", "Trace", "StepRecord", "Force", "load", "build",

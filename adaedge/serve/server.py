@@ -187,7 +187,7 @@ class Server:
         self.models = self.load()          # every bundle, before Triton claims anything
         from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
         from pytriton.model_config.common import TimeoutAction
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
         cfg = self.config
         ports = cfg.ports()
         for name in ("pytriton", "pytriton.server", "pytriton.client", "pytriton.models"):
@@ -205,7 +205,13 @@ class Server:
                 grpc_port=ports["grpc"], metrics_address=cfg.host,
                 metrics_port=ports["metrics"], allow_metrics=True, allow_gpu_metrics=False,
                 log_verbose=cfg.log_verbose, log_file=self.log_file, exit_timeout_secs=5,
-                strict_readiness=True))
+                strict_readiness=True),
+                # the models are written into Triton's repository before it starts, and loaded
+                # as it starts: /v2/health/ready says 200 only once every model is there (by
+                # default PyTriton starts Triton empty and adds the models after it is ready,
+                # so for seconds a ready server answered 404 for every model)
+                triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=False,
+                                                              local_model_store=True))
             self._triton = triton
             for model in self.models:
                 batcher = DynamicBatcher(

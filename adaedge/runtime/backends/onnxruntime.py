@@ -7,6 +7,7 @@ uses them when their key and source hashes match, and the bundle's own graphs ot
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ import numpy as np
 
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
 from ...bundle.folder import check_io
-from ...bundle.paths import child, current_umask
+from ...bundle.operators import check_operators
+from ...bundle.paths import child, current_umask, free_bytes
 from ...errors import BackendUnavailable, BundleError, UsageError
 from ...progress import Progress
 from .base import Backend, BackendOption
@@ -69,6 +71,7 @@ def _shared_pool(ort: Any, threads: int) -> bool:
     return True
 
 
+MAX_INDEX_BYTES = 16 << 20   # an index names each piece once: far smaller
 MAX_THREADS = 1024     # far above any CPU here; a huge count made ONNX Runtime crash
 
 
@@ -207,44 +210,70 @@ class OnnxRuntimeBackend(Backend):
         path = safe_join(path.parent, path.name)      # a link out of the bundle is refused
         if not path.is_file():
             return {}
+        unreadable = (f"engine cache index {path} is unreadable; delete the engines/ folder or "
+                      "run 'adaedge build' again")
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise BundleError(f"{unreadable} (it is over {MAX_INDEX_BYTES} bytes)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise BundleError(f"engine cache index {path} is unreadable; delete the engines/ "
-                              "folder or run 'adaedge build' again") from None
+        except (OSError, ValueError, RecursionError):
+            raise BundleError(unreadable) from None
         if not isinstance(data, dict) or data.get("key") != self.cache_key or \
                 not isinstance(data.get("pieces"), dict):
             return {}
         pieces: Dict[str, Dict[str, str]] = data["pieces"]
+        for name, entry in pieces.items():      # as build writes it: three strings per piece
+            if not isinstance(entry, dict) or set(entry) != {"file", "source_sha256", "sha256"} \
+                    or not all(isinstance(v, str) for v in entry.values()):
+                raise BundleError(f"{unreadable} (its entry for {name!r} is not "
+                                  '{"file", "source_sha256", "sha256"} strings)')
         return pieces
 
     def build(self, bundle: Bundle, progress: Progress = None) -> Path:
         folder = bundle.engine_dir(self.cache_key)
         folder.mkdir(parents=True, exist_ok=True)
+        # build runs holding the bundle's lock: temporary files left by a killed build are stale
+        for stale in folder.glob(".*.tmp*"):
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
         index: Dict[str, Dict[str, str]] = {}
         names = list(bundle.manifest.pieces)
         for i, name in enumerate(names):
             if progress:
                 progress(i, len(names), name)
-            # the piece name is an identifier (checked with the manifest); the target is checked
-            # again to lie inside the bundle, and ONNX Runtime writes to a fresh file of our own
-            # (never to a path the bundle may ship as a link), renamed over the target
-            target = child(folder, f"{name}.onnx")
+            # the piece name is an identifier (checked with the manifest); ONNX Runtime writes to
+            # a fresh file of our own (never to a path the bundle may ship as a link), renamed to
+            # a name of its content: the files the current index names are never replaced, so a
+            # build killed half way leaves the earlier engine set whole
             fd, tmp_name = tempfile.mkstemp(prefix=".piece.", suffix=".tmp.onnx", dir=folder)
             os.close(fd)
             tmp = Path(tmp_name)
             try:
-                self._session(self._checked(bundle, name), name, True, tmp)
+                data = self._checked(bundle, name)
+                try:
+                    self._session(data, name, True, tmp)
+                except BundleError:
+                    # ONNX Runtime says "Protobuf serialization failed" for a full disk
+                    if 0 <= free_bytes(folder) < 2 * len(data) + (1 << 20):
+                        raise OSError(errno.ENOSPC, "no space left on the device",
+                                      str(folder)) from None
+                    raise
                 os.chmod(tmp, 0o666 & ~current_umask())     # not mkstemp's private 0600
+                digest = sha256_file(tmp)
+                target = child(folder, f"{name}.{digest[:16]}.onnx")
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
             index[name] = {"file": target.name, "source_sha256": bundle.manifest.pieces[name].sha256,
-                           "sha256": sha256_file(target)}
+                           "sha256": digest}
         if progress:
             progress(len(names), len(names), "done")
         write_atomic(child(folder, "index.json"), json.dumps(
             {"key": self.cache_key, "threads": self.threads, "pieces": index}, indent=1))
+        keep = {e["file"] for e in index.values()}
+        for old in folder.glob("*.onnx"):            # engines of earlier builds
+            if old.name not in keep and (old.is_file() or old.is_symlink()):
+                old.unlink(missing_ok=True)
         return folder
 
     def _checked(self, bundle: Bundle, piece: str) -> bytes:
@@ -275,7 +304,11 @@ class OnnxRuntimeBackend(Backend):
         if data is None or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             raise BundleError(f"engine for piece {piece!r} in {path.parent} is missing or "
                               "corrupt; run 'adaedge build' again")
-        parse_onnx(data, f"engine for piece {piece!r} in {path.parent}")
+        model = parse_onnx(data, f"engine for piece {piece!r} in {path.parent}")
+        # an engine of another piece (its hash recorded with it) is named here, not by a backend
+        check_io(model, bundle.manifest.pieces[piece], f"engine for piece {piece!r} in "
+                 f"{path.parent}")
+        check_operators(model, f"engine for piece {piece!r} in {path.parent}", optimized=True)
         return data
 
     def load_graph(self, model: Any, name: str) -> OrtExecutable:

@@ -41,6 +41,9 @@ def key_difference(have: Mapping[str, Any], want: Mapping[str, Any]) -> str:
     return "; ".join(diffs) or "nothing"
 
 
+MAX_ENGINE_BYTES = 4 << 30
+
+
 class EngineCache:
     """``engines/tensorrt/``: the engines and ``index.json``, {piece: {"file", "key",
     "sha256"}}. Pure bookkeeping; the TensorRT calls live in the backend."""
@@ -56,7 +59,7 @@ class EngineCache:
             # read through safe_join: an index the bundle ships as a link out of it is refused
             text = safe_join(self.folder, "index.json").read_text(encoding="utf-8")
             data = json.loads(text)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):      # nested 200k deep: unreadable too
             raise BundleError(f"engine cache index {self.index_path} is unreadable; delete "
                               f"{self.folder} and run 'adaedge build --backend tensorrt'") from None
         pieces = data.get("pieces") if isinstance(data, dict) else None
@@ -71,11 +74,14 @@ class EngineCache:
         if not isinstance(entry, dict):
             return None, "no engine built yet"
         if entry.get("key") != dict(key):
+            old = entry.get("key")
             return None, "its engine was built for another setup: " + \
-                key_difference(entry.get("key") or {}, key)
+                key_difference(old if isinstance(old, dict) else {}, key)
         path = safe_join(self.folder, str(entry.get("file")))
         if not path.is_file():
             return None, f"its engine file {path.name} is missing"
+        if path.stat().st_size > MAX_ENGINE_BYTES:       # from the file system, before reading
+            return None, f"its engine file {path.name} is larger than any engine adaedge builds"
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             return None, f"its engine file {path.name} does not match its recorded hash"
