@@ -41,7 +41,11 @@ def _ops(graph, into):
 
 
 def test_the_allow_list_is_exactly_what_the_exporters_write(tmp_path):
-    forms = [(tiny_model(), {}), (tiny_model(), {"execution": "masked"}), (tiny_focus(), {})]
+    forms = [(tiny_model(), {}), (tiny_model(), {"execution": "masked"}), (tiny_focus(), {}),
+             (tiny_model(temporal_padding="replicate", gate_motion=True), {}),   # Pad, Log
+             (models.create("vared_r2plus1d_18", num_classes=5, frames=5, size=32,  # a copy
+                            width_mult=0.125, temporal_padding="replicate",     # fill: Expand
+                            gate_motion=True).eval(), {})]
     forms += [(tiny_tada(cal_dim=c), {"execution": e, "options": {"routing": r}})
               for e, r, c in (("calibrated", "fused", "cin"), ("calibrated", "separate", "cin"),
                               ("calibrated", "fused", "cout"), ("official", "fused", "cin"),

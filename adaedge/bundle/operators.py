@@ -27,7 +27,7 @@ from .vocabulary import CUSTOM_DOMAIN, PLUGIN_OPS, SCHEMA_VERSION
 # the standard operators (domain "") adaedge's exporters write, per schema version
 _STANDARD_V1 = frozenset("""
 Abs Add ArgMax AveragePool Cast Ceil Clip Concat Constant Conv CumSum Div Equal Expand Flatten
-Floor GRU Gather GatherElements Gemm GlobalAveragePool Greater GreaterOrEqual Identity Less MatMul
+Floor GRU Gather GatherElements Gemm GlobalAveragePool Greater GreaterOrEqual Identity Less Log MatMul
 Max MaxPool Min Mul Pad ReduceMax ReduceMean ReduceSum Relu Reshape ScatterND Sigmoid Slice
 Softmax Split Squeeze Sub Tanh TopK Transpose Unsqueeze Where
 QuantizeLinear DequantizeLinear

@@ -158,10 +158,10 @@ def motion_graph(frames: int, size: int, grid: int = MOTION_GRID) -> onnx.ModelP
     x = g.input("clip", ["N", 3, frames, size, size])
     k = max(1, size // grid)
     cells = min(grid, size)
-    if frames < 2:
-        zero = g.op("Mul", g.op("Flatten", g.op("GlobalAveragePool", x), axis=1),
-                    g.const(np.zeros((), np.float32), "zero"))
-        g.output(g.op("Tile", zero, g.const([1, cells * cells + 1], "reps", "int64")), "motion")
+    if frames < 2:     # one frame: no motion, zeros (GAP(x) (N, 3) times a zero matrix)
+        pooled = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+        zeros = g.const(np.zeros((3, 3 * (cells * cells + 1)), np.float32), "zeros")
+        g.output(g.op("MatMul", pooled, zeros), "motion")
         return g.model()
     p = g.op("AveragePool", x, kernel_shape=[1, k, k], strides=[1, k, k])
     if size // k != cells:
