@@ -39,12 +39,14 @@ MIN_CLIPS = 6
 #   the per-piece errors add over 9 pieces in depth, and batch norm keeps each layer's gain near
 #   one, so about sqrt(9) x 0.02 = 0.06. A random network's free gates flip and its scores
 #   move arbitrarily: no bound there, only per piece.
-# * COMPILED_RTOL (1e-3): one clip as the compiled graph against piece by piece runs the same
+# * COMPILED_STEPS (2): one clip as the compiled graph against piece by piece runs the same
 #   Q/DQ arithmetic; ONNX Runtime only fuses float steps differently, which moves a value by one
-#   float32 rounding and, at a rounding tie, an activation by one int8 step: far below 1e-3 in L2
-#   over 5 scores.
+#   float32 rounding and so, at a rounding tie, a quantized value by one int8 step. The scores
+#   are themselves quantized (steps of about 0.1 on the demo model), so a few of them may differ
+#   by a step: each score within 2 steps. (The earlier bound, 1e-3 in relative L2, was a test
+#   defect: a single tie in the scores is 0.03; it held on one machine by chance.)
 NETWORK_RTOL = 0.1
-COMPILED_RTOL = 1e-3
+COMPILED_STEPS = 2
 
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,11 +192,28 @@ def test_the_demo_model_in_int8_stays_close_to_float_with_every_branch_forced(de
         err = _rel_l2(a, b)
         assert 0 < err <= NETWORK_RTOL, (force, err)     # really int8, and within the bound
         assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9, force
-    # one clip runs as the compiled program: the same int8 scores as piece by piece
+    # one clip runs as the compiled program: the same int8 arithmetic as piece by piece, up to
+    # a step of the quantized scores in a few of them (COMPILED_STEPS)
+    step = _output_step(demo_int8, "head")
     for force in ("static", "cheapest", None):
         a = runtime.load(demo_int8, precision="int8", path="compiled").classify(x[:1], force=force)
         b = runtime.load(demo_int8, precision="int8", path="pieces").classify(x[:1], force=force)
-        assert _rel_l2(a.scores, b.scores) <= COMPILED_RTOL, force
+        f = fp.classify(x[:1], force=force).scores
+        assert np.abs(a.scores - b.scores).max() <= COMPILED_STEPS * step + 1e-6, force
+        assert _rel_l2(a.scores, f) <= NETWORK_RTOL and a.labels[0] == b.labels[0], force
+
+
+def _output_step(root, piece):
+    """The quantization step of ``piece``'s int8 output (the scale of the DequantizeLinear that
+    writes a graph output)."""
+    b = bundle_mod.load(root)
+    model = onnx.load(str(root / b.manifest.int8.pieces[piece].file))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    steps = [float(inits[n.input[1]].max()) for n in model.graph.node
+             if n.op_type == "DequantizeLinear" and set(n.output) & outputs]
+    assert steps, f"{piece}: no quantized output"
+    return max(steps)
 
 
 def test_the_demo_runs_the_int8_forms(demo_int8, tmp_path, capsys):
