@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     report = run_configs(configs, clips, reps=args.reps, warmup=args.warmup,
                          reference="fp32-static")
     report.meta["processor"] = processor_class()
+    m = fp.manifest
+    report.meta["model"] = f"{m.model.get('name')} {'x'.join(map(str, m.clip_shape[1:]))}"
     report.meta["threads"] = fp.backend.threads  # type: ignore[attr-defined]
     ref = report.get("fp32-static").median_ms
     summary = {f"speedup:{c.name}": ref / report.get(c.name).median_ms for c in configs[1:]}
