@@ -237,7 +237,7 @@ class _Reader:
 
 
 def _quantize(model: Any, store: _Store, piece: str, method: str, folder: Path,
-              target: str = "tensorrt", form: str = "s8s8-7bit") -> bytes:
+              target: str = "tensorrt", form: str = "s8s8") -> bytes:
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
