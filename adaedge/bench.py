@@ -210,8 +210,11 @@ def run_configs(configs: Sequence[Config], clips: np.ndarray, reps: int = 20, wa
 
 
 def machine_info() -> Dict[str, Any]:
+    from .runtime.processor import detected_class
+    # the instruction-set class CPUID reports (what the kernels were chosen by; under emulation
+    # /proc/cpuinfo names the host's processor, CPUID the emulated one)
     info: Dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
-                            "cpus": os.cpu_count()}
+                            "cpus": os.cpu_count(), "instruction_set": detected_class()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -384,7 +387,7 @@ def print_report(report: BenchReport, summary: Dict[str, Any], as_json: bool) ->
     meta = report.meta
     pool = f" ({meta['pool']} pool)" if meta.get("pool") else ""
     print(f"{meta['model']}, onnxruntime {meta.get('onnxruntime')}, {meta['threads']} "
-          f"threads{pool}, {meta.get('cpu', '?')}")
+          f"threads{pool}, {meta.get('cpu', '?')} ({meta.get('instruction_set', '?')})")
     print(format_table(report))
 
 

@@ -213,6 +213,12 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{shown(cal.get('target', '?'))}, {shown(cal.get('method', '?'))} ranges on "
               f"{shown(cal.get('clips', '?'))} clips ({shown(cal.get('data', '?'))}); "
               f"{len(m.int8.kept_float)} kept in float")
+        from .bundle.int8 import WRONG_ON
+        wrong = WRONG_ON.get(m.int8.kind, ())
+        print(f"          {shown(m.int8.kind)} forms, made on "
+              f"{shown(m.int8.made_on or 'an unrecorded processor')}, verified on "
+              f"{shown(', '.join(m.int8.verified_on) or 'no recorded processor')}; "
+              + (f"refused on {', '.join(wrong)}" if wrong else "right on every x86"))
     return 0
 
 
@@ -279,7 +285,7 @@ def cmd_verify_int8(args: argparse.Namespace, options: Dict[str, Any]) -> int:
         data = f"{count} random clips, seed {args.seed}: give --data for real clips and top-1"
     report = verify_int8(args.bundle, clips, labels, data=data,
                          piece_rtol=args.rtol if args.rtol is not None else PIECE_RTOL,
-                         threads=options.get("threads"),
+                         threads=options.get("threads"), record=args.record,
                          progress=ProgressBar("verify int8", not (args.quiet or args.json)))
     print(json.dumps(report.to_json(), indent=1) if args.json else report.text())
     return 0 if report.ok else 1
@@ -397,7 +403,7 @@ def cmd_calibrate_int8(args: argparse.Namespace) -> int:
         report = calibrate_int8(args.bundle, clips, labels,
                                 data=f"{args.data}, first {len(clips)}", method=args.method,
                                 keep_float=args.keep_float, min_clips=args.min_clips,
-                                threads=args.threads, target=args.target,
+                                threads=args.threads, target=args.target, form=args.form,
                                 progress=ProgressBar("calibrate int8",
                                                      not (args.quiet or args.json)))
     if args.json:
@@ -625,6 +631,9 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                     help="tolerance relative to each value's largest magnitude (default 1e-4, or "
                          "the tolerance the model's family states: 'adaedge models --json'; "
                          "--precision int8: each piece's, default 0.1)")
+    sp.add_argument("--record", action="store_true",
+                    help="--precision int8: where the forms pass, record this processor class "
+                         "in the manifest (int8.processors.verified_on)")
     add_backend_args(sp)
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -694,7 +703,8 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add_kind("int8", cmd_calibrate_int8, "write int8 forms of the pieces (explicit Q/DQ: "
-                  "weights symmetric int8 per channel; activations as --for's backend wants them), "
+                  "weights symmetric int8 of 7 bits per channel; activations as --for's backend "
+                  "wants them), "
                   "calibrated "
                   "per branch: a branch piece sees the clips its gate chose, a branch few clips "
                   "chose is topped up with clips forced through it; gates stay in float unless "
@@ -717,6 +727,13 @@ def build_parser(families: Optional[Sequence[Any]] = None) -> argparse.ArgumentP
                          "activations, which its CPU kernels fuse with ReLU) or tensorrt "
                          "(symmetric int8 activations, as explicit INT8 takes them; onnxruntime "
                          "runs these too, more slowly)")
+    sp.add_argument("--form", choices=["u8s8-7bit", "u8s8", "u8u8", "s8s8-7bit", "s8s8"],
+                    default=None,
+                    help="the arithmetic (activations x weights; default: u8s8-7bit for "
+                         "onnxruntime, weights within [-64, 64], right on every x86; s8s8 for "
+                         "tensorrt, whose kernels accumulate in int32); ONNX Runtime refuses "
+                         "u8s8 and s8s8 (full-range weights) on x86 without VNNI, where its "
+                         "kernels saturate")
     sp.add_argument("--min-clips", type=int, default=16,
                     help="a branch fewer clips chose is topped up to this many forced clips "
                          "(default 16)")

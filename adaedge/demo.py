@@ -115,8 +115,18 @@ def demo_bundle(checkpoint: Union[str, Path] = DEMO_CHECKPOINT, backend: str = "
         export(model, out, labels=meta.get("labels"), overwrite=True, progress=progress,
                weights={"source": "checkpoint", "file": checkpoint.name, "sha256": digest})
         build(out, backend, progress=progress)
-    if precision == "int8" and load_bundle(out).manifest.int8 is None:
-        calibrate_demo(out, checkpoint.with_suffix(".calib.npz"), progress, log)
+    if precision == "int8":
+        forms = load_bundle(out).manifest.int8
+        from .bundle.int8 import wrong_here
+        from .runtime.processor import processor_class
+        if forms is not None and wrong_here(forms, processor_class()):
+            # the demo's own cached bundle: forms wrong on this processor (full-range weights
+            # written before issue 24) are written again in the default form, right here
+            log(f"the demo bundle's int8 forms ({forms.kind}) are wrong on this processor "
+                f"({processor_class()}): calibrating them again")
+            forms = None
+        if forms is None:
+            calibrate_demo(out, checkpoint.with_suffix(".calib.npz"), progress, log)
     return out
 
 

@@ -64,6 +64,11 @@ class SourceError(AdaedgeError, RuntimeError):
     """A camera, file or URL that cannot be opened, read or written."""
 
 
+class ProcessorError(AdaedgeError, RuntimeError):
+    """Forms that are known to compute wrong on this processor (int8 arithmetic whose kernels
+    here saturate), refused instead of run."""
+
+
 def require(module: str, feature: str, extra: str) -> None:
     """Raise :class:`MissingExtra` unless ``module`` can be imported."""
     import importlib.util
@@ -78,4 +83,5 @@ def require(module: str, feature: str, extra: str) -> None:
 __all__ = ["AdaedgeError", "UsageError", "UnknownName", "ConfigError", "BundleError", "InputError",
            "BackendUnavailable",
            "MissingExtra", "ExportError", "CheckpointError", "CalibrationError", "SourceError",
+           "ProcessorError",
            "require"]

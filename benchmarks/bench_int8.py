@@ -33,6 +33,7 @@ from adaedge.bench import Config, print_report, random_clips, run_configs
 from adaedge.bundle import load as load_bundle
 from adaedge.calibration.int8 import calibrate_int8
 from adaedge.export import export
+from adaedge.runtime.processor import processor_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vared import gates_always_full  # noqa: E402
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--for", dest="target", choices=["onnxruntime", "tensorrt"],
                    default="onnxruntime", help="the int8 forms' activations: onnxruntime "
                    "(uint8, asymmetric; default) or tensorrt (int8, symmetric)")
+    p.add_argument("--form", choices=["u8s8-7bit", "u8s8", "u8u8", "s8s8-7bit", "s8s8"],
+                   default=None, help="the int8 arithmetic (default: --for's default, 7-bit "
+                   "weights); a bundle holding another kind is calibrated again")
     p.add_argument("--path", choices=["auto", "pieces", "compiled"], default="auto",
                    help="auto: batch 1 runs the compiled program, batches the pieces")
     p.add_argument("--json", action="store_true")
@@ -72,10 +76,16 @@ def main(argv=None) -> int:
         gates_always_full(model)
         export(model, out, execution="dynamic", weights={"source": "random", "seed": 0})
     forms = load_bundle(out).manifest.int8
-    if args.bundle is None and (forms is None or forms.calibration.get("target") != args.target):
+    from adaedge.calibration.int8 import TARGET_FORMS
+    form = args.form or TARGET_FORMS[args.target][0]
+    if args.bundle is None and (forms is None or forms.calibration.get("target") != args.target
+                                or forms.kind != form):
         calib = random_clips(load_bundle(out), args.calib_clips, seed=1)
         calibrate_int8(out, calib, data=f"{args.calib_clips} random clips, seed 1",
-                       min_clips=args.calib_clips, target=args.target)
+                       min_clips=args.calib_clips, target=args.target, form=form)
+    elif args.bundle is not None and args.form and (forms is None or forms.kind != form):
+        p.error(f"--bundle {args.bundle} holds {forms.kind if forms else 'no'} int8 forms, not "
+                f"{form}: calibrate it with 'adaedge calibrate int8 --form {form}' first")
     print(f"bundle exported and calibrated in {time.perf_counter() - t0:.1f}s under {work}",
           file=sys.stderr)
     options = {"threads": args.threads} if args.threads else {}
@@ -97,8 +107,9 @@ def main(argv=None) -> int:
     report.meta["threads"] = float_rt.backend.threads  # type: ignore[attr-defined]
     m = int8_rt.bundle.base.manifest
     shape = "x".join(map(str, m.clip_shape[1:]))
-    report.meta["model"] = (f"{m.model.get('name')} {shape}, int8 forms for "
+    report.meta["model"] = (f"{m.model.get('name')} {shape}, {m.int8.kind} int8 forms for "
                             f"{m.int8.calibration.get('target')}")
+    report.meta["processor"] = processor_class()
     fp, q = report.get("fp32-static"), report.get("int8-static")
     summary = {"int8_speedup_static": fp.median_ms / q.median_ms,
                "int8_speedup_free": report.get("fp32-free").median_ms /

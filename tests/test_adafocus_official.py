@@ -4,10 +4,16 @@ load whole and reproduce the official outputs and exit decisions; a checkpoint t
 is refused naming the first module; the exported bundles reproduce the outputs within the
 family's stated tolerance (each piece, fed the reference's inputs, within 1e-4).
 
-Tolerances: the PyTorch model 1e-4 relative to each output's largest magnitude (measured
-<= 1e-5); bundles 1e-3 end to end (patch positions come from network features, and their float32
-rounding is amplified by the local network: up to 4.6e-4 measured on these files; the same
-model in float64 differs from the official float32 outputs by up to 5.9e-4).
+Tolerances, from the arithmetic rather than one machine: each float32 output is compared with
+the official float32 output within ``MARGIN`` times that output's own float32 conditioning,
+measured as the distance of the same model's float32 result from its float64 result on the same
+clips (at least ``RTOL``). The patch positions come from network features and their crops
+amplify rounding: local features' float32 results lie up to 9.8e-4 from float64, shallow outputs
+1e-5, so a fixed bound either hides a wrong model deep down or fails on a processor whose
+kernels round differently (1e-4 held on AVX-512, where torch's float32 matches the machine that
+wrote the official files to 1e-5, and failed on AVX2 at 1.95e-4 and 2.71e-4: issue 24). The
+float64 model itself must lie within the bound of the official outputs: the model's arithmetic
+is the official one up to float32 rounding, on any kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ from adaedge.verify import verify
 
 DATA = Path(__file__).parent / "data"
 RTOL = 1e-4
-BUNDLE_RTOL = 1e-3
+BUNDLE_RTOL = 1e-3      # the family's stated tolerance for verify (bundle against PyTorch)
+# Two float32 computations of one network with different summation orders (torch's kernels on
+# AVX-512 or AVX2, ONNX Runtime's, the official run's) each lie a rounding realisation away from
+# the exact result; their sizes vary by a few times between orders (measured here: 0.5-2x
+# between outputs), so 10x the measured float32-float64 distance bounds any of them.
+MARGIN = 10.0
 # what the official files do not record: patch size, Uni's input frames, the box bounds the small
 # files were written with (official 96 / 224 pixels; 28 / 64 for their 64x64 frames)
 GIVEN: Dict[str, Dict[str, object]] = {
@@ -91,26 +102,52 @@ def test_official_checkpoints_are_recognised_and_their_config_read():
         models.load_model(checkpoint("uni_adafocus_tsm"), patch=32, input_frames=6)
 
 
+_FLOAT64: Dict[str, Dict[str, np.ndarray]] = {}
+
+
+def float64_parts(variant: str) -> Dict[str, np.ndarray]:
+    """The model's outputs computed in float64 on the stored clips (once per variant)."""
+    if variant not in _FLOAT64:
+        model = models.load_model(checkpoint(variant), name=variant, **GIVEN[variant]).eval()
+        with torch.no_grad():
+            out = model.double().parts(torch.from_numpy(clips(variant)).double())
+        _FLOAT64[variant] = {k: v.numpy() for k, v in out.items()}
+    return _FLOAT64[variant]
+
+
+def bound(got32: np.ndarray, got64: np.ndarray) -> float:
+    """MARGIN times this output's float32 conditioning (at least RTOL)."""
+    return max(RTOL, MARGIN * rel(got32, got64))
+
+
 def test_the_model_reproduces_the_official_outputs(official):
     variant, model = official
     want = io(variant)
     with torch.no_grad():
         got = model.parts(torch.from_numpy(clips(variant)))
+    exact = float64_parts(variant)
     names = {"boxes": "spatial_actions", "focus_boxes": "focus_actions", "weights": "temporal_weights"}
     compared = 0
+
+    def official_layout(key: str, v: np.ndarray) -> np.ndarray:
+        if key == "boxes":                                  # (N, 4, G) -> official (N*G, 4)
+            return v.transpose(0, 2, 1).reshape(-1, 4)
+        if key == "focus_boxes":
+            return v.reshape(-1, 4)
+        return v
     for key, value in got.items():
         stored = names.get(key, key)
         if stored not in want.files:
             continue
-        v = value.numpy()
-        if key == "boxes":                                  # (N, 4, G) -> official (N*G, 4)
-            v = v.transpose(0, 2, 1).reshape(-1, 4)
-        elif key == "focus_boxes":
-            v = v.reshape(-1, 4)
+        v = official_layout(key, value.numpy())
         if v.dtype.kind == "i":
             assert v.tolist() == want[stored].tolist(), key
         else:
-            assert rel(v.reshape(want[stored].shape), want[stored]) <= RTOL, key
+            w = want[stored]
+            v64 = official_layout(key, exact[key]).reshape(w.shape)
+            tol = bound(v.reshape(w.shape), v64)
+            assert rel(v64, w) <= tol, (key, rel(v64, w), tol)       # the arithmetic
+            assert rel(v.reshape(w.shape), w) <= tol, (key, rel(v.reshape(w.shape), w), tol)
         compared += 1
     assert compared >= 5
 
@@ -199,6 +236,13 @@ def test_the_bundle_reproduces_the_official_outputs(bundles, variant, path):
     rt = runtime.load(bundles[variant], path=path)
     x = clips(variant)
     want = exit_logits(variant)
+    # each clip's and stop's bound from its own float32 conditioning (the PyTorch model's float32
+    # against its float64 result): ONNX Runtime's float32 is one more summation order
+    model = models.load_model(checkpoint(variant), name=variant, **GIVEN[variant]).eval()
+    with torch.no_grad():
+        l32 = torch.stack(model.stage_logits(torch.from_numpy(x)), 1).numpy()
+        l64 = torch.stack(model.double().stage_logits(torch.from_numpy(x).double()), 1).numpy()
+    assert l64.shape == want.shape
     stops = [e.name for e in rt.manifest.exits()] + [None]
     for i in range(x.shape[0]):
         for k, stop in enumerate(stops):
@@ -209,7 +253,9 @@ def test_the_bundle_reproduces_the_official_outputs(bundles, variant, path):
                               for j, e in enumerate(rt.manifest.exits())}
                 out = rt.compiled({}, thresholds).run({"clip": x[i:i + 1]})
                 got = out["scores"][0]
-            assert rel(got, want[i, k]) <= BUNDLE_RTOL, (variant, path, i, stop)
+            tol = bound(l32[i, k], l64[i, k])
+            assert rel(l64[i, k], want[i, k]) <= tol, (variant, i, stop)
+            assert rel(got, want[i, k]) <= tol, (variant, path, i, stop, rel(got, want[i, k]), tol)
 
 
 @pytest.mark.parametrize("variant", EXITS)
@@ -248,7 +294,10 @@ def test_the_bundle_takes_the_official_exit_decisions(bundles, variant, crit, tm
 
 def test_each_piece_fed_the_references_inputs_is_exact(bundles):
     """AdaFocusV2's frame pieces, fed the reference's glance outputs: 1e-4 (the end-to-end gap
-    is the patch positions' sensitivity, not the pieces)."""
+    is the patch positions' sensitivity, not the pieces). Fed the same patch positions, a piece's
+    float32 rounding is that of its own depth (the glance network, or one frame's crop, local
+    network and classifier: about 1e-6-1e-5 relative, measured 6e-6 at most on AVX-512 and
+    emulated AVX2), so 1e-4 holds with a margin of 10 on any kernel."""
     model = models.load_model(checkpoint("adafocus_v2"), name="adafocus_v2",
                               **GIVEN["adafocus_v2"]).eval()
     x = clips("adafocus_v2")

@@ -262,3 +262,50 @@ def test_every_backend_keeps_the_contract(name):
     params = inspect.signature(cls.__init__).parameters
     for opt in cls.options:
         assert opt.name in params, (name, opt.name)
+
+
+def _readme_test_command() -> str:
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# 2. "))
+    return lines[start + 1]
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    command = _readme_test_command()
+    assert "python -m pytest -q" in command and "tests/test_serve.py" in command
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith(command + " ") or line == command for line in ci)
+    # and the emulated-CPU portability check after it
+    assert any("tests/emulated_cpu.sh --cpu Haswell" in line and "test_portability.py" in line
+               for line in ci[next(i for i, line in enumerate(ci) if line.startswith(command)):])
+
+
+@pytest.mark.parametrize("suite,serve", [(1, 0), (0, 1), (0, 0)])
+def test_the_readmes_test_command_never_hides_a_half(tmp_path, suite, serve):
+    """The README's test command with pip and python replaced by stubs: a failing suite still
+    runs the serving tests, each half's result is printed, and the command fails if either
+    failed."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "log"
+    (stubs / "pip").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "python").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1 $2" = "-m venv" ]; then
+          mkdir -p "$3/bin"
+          printf '#!/bin/sh\\nexit 0\\n' > "$3/bin/pip"
+          printf '#!/bin/sh\\necho serve >> {log}\\nexit {serve}\\n' > "$3/bin/python"
+          chmod +x "$3/bin/pip" "$3/bin/python"
+          exit 0
+        fi
+        echo suite >> {log}
+        exit {suite}
+        """))
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", _readme_test_command()], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert log.read_text().split() == ["suite", "serve"]          # both halves ran
+    assert f"main suite: exit {suite}; serving tests: exit {serve}" in done.stdout
+    assert (done.returncode == 0) == (suite == 0 and serve == 0), done

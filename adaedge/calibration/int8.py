@@ -5,10 +5,14 @@ is fed. A piece sees only the clips that reach it: a branch piece the rows whose
 an exit stage every clip (exits are not taken while calibrating). A branch that fewer than
 ``min_clips`` clips chose is topped up with clips forced through it (that switch forced, the
 other gates free), and the manifest says how many of each it saw. Each piece is then quantized
-by ONNX Runtime's static quantizer into QDQ form: weights symmetric int8 per output channel;
-activations per tensor as the target backend wants them (:data:`TARGETS`: uint8 asymmetric for
-ONNX Runtime, whose CPU kernels then fold a convolution's ReLU; symmetric int8 with zero point 0
-for TensorRT's explicit INT8); ranges by ``minmax``, ``entropy`` or ``percentile``.
+by ONNX Runtime's static quantizer into QDQ form: weights symmetric int8 per output channel, of
+7 bits by default (within [-64, 64], so that no x86 kernel saturates: see
+:mod:`adaedge.bundle.int8`; ``form`` chooses another kind, to measure); activations per tensor as
+the target backend wants them (:data:`TARGETS`: uint8 asymmetric for ONNX Runtime, whose CPU
+kernels then fold a convolution's ReLU; symmetric int8 with zero point 0 for TensorRT's explicit
+INT8); ranges by ``minmax``, ``entropy`` or ``percentile``. The manifest records the form's kind
+and the processor class it was made on; :func:`verify_int8` with ``record`` adds the class it
+passed on.
 
 What stays in float, and why, is recorded: pieces named by ``keep_float``; pieces fed shared
 constants (their weights arrive as inputs, so no per-channel scale can be fixed); pieces with no
@@ -54,6 +58,15 @@ METHODS = ("minmax", "entropy", "percentile")
 # asymmetric uint8 output (zero point at the ReLU's 0) and run U8S8; TensorRT's explicit INT8
 # takes symmetric int8 only
 TARGETS = {"onnxruntime": "uint8", "tensorrt": "int8"}
+# the kinds of form each target can be written in, the default first: for ONNX Runtime 7-bit
+# weights, right on every x86 (adaedge.bundle.int8); for TensorRT full-range weights (its int8
+# kernels accumulate in int32: nothing saturates), which ONNX Runtime refuses without VNNI
+TARGET_FORMS = {"onnxruntime": ("u8s8-7bit", "u8s8", "u8u8"), "tensorrt": ("s8s8", "s8s8-7bit")}
+WEIGHTS = {"u8s8-7bit": "int8 within [-64, 64] (7 bits), symmetric, per output channel",
+           "s8s8-7bit": "int8 within [-64, 64] (7 bits), symmetric, per output channel",
+           "u8s8": "int8, symmetric, per output channel",
+           "s8s8": "int8, symmetric, per output channel",
+           "u8u8": "uint8, symmetric (zero point 128), per output channel"}
 GATE_AGREEMENT = 0.99       # a gate stays int8 only if its decisions agree this often with float
 MIN_CLIPS = 16              # a branch seen by fewer clips is topped up with forced ones
 BATCH = 8                   # clips per recorded call
@@ -225,7 +238,7 @@ class _Reader:
 
 
 def _quantize(model: Any, store: _Store, piece: str, method: str, folder: Path,
-              target: str = "tensorrt") -> bytes:
+              target: str = "tensorrt", form: str = "s8s8") -> bytes:
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -246,7 +259,8 @@ def _quantize(model: Any, store: _Store, piece: str, method: str, folder: Path,
         quantize_static(fresh, str(out), _Reader(store.feeds(piece)),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
+                        weight_type=QuantType.QUInt8 if form == "u8u8" else QuantType.QInt8,
+                        reduce_range=form.endswith("-7bit"),   # weights only: [-64, 64]
                         calibrate_method=methods[method], extra_options=extra)
     finally:
         root.setLevel(level)
@@ -328,15 +342,21 @@ def _collect(runtime: Runtime, store: _Store, x: np.ndarray,
 def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: str = "",
                    method: str = "minmax", keep_float: Sequence[str] = (),
                    min_clips: int = MIN_CLIPS, threads: Optional[int] = None,
-                   target: str = "onnxruntime", progress: Progress = None) -> Int8Report:
+                   target: str = "onnxruntime", progress: Progress = None,
+                   form: Optional[str] = None) -> Int8Report:
     """Write the int8 forms of ``bundle``'s pieces, calibrated on ``clips`` (normalised, as the
     bundle takes them), and return what was done (see the module docstring). ``labels`` are
     needed when the bundle's exits hold thresholds (they are solved again on the int8 forms);
-    ``data`` describes the clips for the manifest."""
+    ``data`` describes the clips for the manifest. ``form``: the kind of arithmetic
+    (:data:`TARGET_FORMS`; default the target's first)."""
     if method not in METHODS:
         raise CalibrationError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if target not in TARGETS:
         raise CalibrationError(f"the int8 forms are for {' or '.join(TARGETS)}, not {target!r}")
+    form = TARGET_FORMS[target][0] if form is None else form
+    if form not in TARGET_FORMS[target]:
+        raise CalibrationError(f"int8 forms for {target} are of kind "
+                               f"{', '.join(TARGET_FORMS[target])}, not {form!r}")
     if _SHARED_POOL:
         raise CalibrationError("int8 calibration cannot run in a process that created ONNX "
                                "Runtime's shared thread pool (pool='shared'): ONNX Runtime's "
@@ -405,7 +425,7 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
                 kept[piece] = pr.reason
                 continue
             try:
-                data_q = _quantize(model, store, piece, method, work, target)
+                data_q = _quantize(model, store, piece, method, work, target, form)
                 check_io(parse_onnx(data_q, f"int8 form of {piece!r}"), m.pieces[piece],
                          f"int8 form of {piece!r}")
             except (BundleError, ValueError, RuntimeError) as e:
@@ -444,13 +464,16 @@ def calibrate_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, dat
             forms[piece] = dataclasses.replace(forms[piece], file=f"{GRAPHS}/int8/{name}",
                                                sha256=digest)
         import onnxruntime
+
+        from ..runtime.processor import processor_class
         m.int8 = Int8Forms(forms, kept, {
             "data": data or "given clips", "clips": int(len(x)), "method": method,
-            "target": target, "weights": "int8, symmetric, per output channel",
+            "target": target, "weights": WEIGHTS[form],
             "activations": ("int8, symmetric, per tensor" if TARGETS[target] == "int8" else
                             "uint8, asymmetric, per tensor"),
             "min_clips_per_branch": int(min_clips), "gate_agreement": GATE_AGREEMENT,
-            "tool": f"onnxruntime.quantization {onnxruntime.__version__} (QDQ)"}, {})
+            "tool": f"onnxruntime.quantization {onnxruntime.__version__} (QDQ)"}, {},
+            form=form, made_on=processor_class())
         write_manifest(b.root, m)
     except BaseException as e:
         for path in new_files:
@@ -511,6 +534,8 @@ class VerifyInt8Report:
     pieces: List[Dict[str, Any]] = field(default_factory=list)   # piece, rel_error, ok
     gates: List[Dict[str, Any]] = field(default_factory=list)    # switch, agreement, ok
     top1: Optional[Dict[str, Any]] = None                        # float, int8, drop, ok
+    processor: str = ""                                          # the class it ran on
+    form: str = ""                                               # the forms' kind
 
     @property
     def ok(self) -> bool:
@@ -519,6 +544,7 @@ class VerifyInt8Report:
 
     def to_json(self) -> Dict[str, Any]:
         return {"ok": self.ok, "clips": self.clips, "data": self.data,
+                "processor": self.processor, "form": self.form,
                 "thresholds": {"piece_rel_error": self.piece_rtol,
                                "gate_agreement": VERIFY_GATE_AGREEMENT, "top1_drop": TOP1_DROP},
                 "pieces": self.pieces, "gates": self.gates, "top1": self.top1}
@@ -527,7 +553,8 @@ class VerifyInt8Report:
         lines = [f"int8 against float on {self.clips} clips ({self.data}); thresholds: "
                  f"each piece ||int8 - float||_2 <= {self.piece_rtol:g} x ||float||_2 fed "
                  f"the float network's inputs, each gate agreeing on >= {VERIFY_GATE_AGREEMENT:.0%} "
-                 f"of clips in the whole int8 network, top-1 drop <= {TOP1_DROP * 100:g} point"]
+                 f"of clips in the whole int8 network, top-1 drop <= {TOP1_DROP * 100:g} point; "
+                 f"{self.form} forms on {self.processor}"]
         for p in self.pieces:
             lines.append(f"{'ok  ' if p['ok'] else 'FAIL'} piece {p['piece']:<36} error "
                          f"{p['rel_error']:.4f} ({p['clips']} clips)")
@@ -546,9 +573,12 @@ class VerifyInt8Report:
 
 def verify_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: str = "",
                 piece_rtol: float = PIECE_RTOL, threads: Optional[int] = None,
-                min_clips: int = MIN_CLIPS, progress: Progress = None) -> VerifyInt8Report:
+                min_clips: int = MIN_CLIPS, progress: Progress = None,
+                record: bool = False) -> VerifyInt8Report:
     """The int8 forms against the float bundle on held-out ``clips`` (see the module docstring);
-    ``labels`` add the top-1 change."""
+    ``labels`` add the top-1 change. ``record``: where they pass, add this processor class to
+    the manifest's ``int8.processors.verified_on``."""
+    from ..runtime.processor import processor_class
     b = load_bundle(bundle)
     forms = b.manifest.int8
     if forms is None:
@@ -560,7 +590,8 @@ def verify_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: 
     except InputError as e:
         raise CalibrationError(f"verification {e}") from None
     q = Runtime(b, OnnxRuntimeBackend(threads=threads, precision="int8"), path="pieces")
-    report = VerifyInt8Report(len(x), data or "given clips", piece_rtol)
+    report = VerifyInt8Report(len(x), data or "given clips", piece_rtol,
+                              processor=processor_class(), form=forms.kind)
     names = [n for n in b.manifest.used_pieces() if n in forms.pieces]
     tick = progress or (lambda done, total, what: None)
     steps = len(names) + 2
@@ -594,10 +625,16 @@ def verify_int8(bundle: Union[str, Path], clips: Any, labels: Any = None, data: 
         a_q = float((int8_run.labels == y).mean())
         report.top1 = {"float": round(a_f, 4), "int8": round(a_q, 4), "drop": round(a_f - a_q, 4),
                        "ok": a_f - a_q <= TOP1_DROP + 1e-9}
+    if record and report.ok:
+        m = load_bundle(bundle).manifest        # as it is now (the forms checked above)
+        if m.int8 is not None and m.int8.pieces == forms.pieces and \
+                report.processor not in m.int8.verified_on:
+            m.int8.verified_on.append(report.processor)
+            write_manifest(b.root, m)
     tick(steps, steps, "done")
     return report
 
 
 __all__ = ["calibrate_int8", "verify_int8", "VerifyInt8Report", "Int8Report", "PieceReport",
-           "METHODS", "GATE_AGREEMENT", "PIECE_RTOL", "VERIFY_GATE_AGREEMENT", "TOP1_DROP",
+           "METHODS", "TARGET_FORMS", "GATE_AGREEMENT", "PIECE_RTOL", "VERIFY_GATE_AGREEMENT", "TOP1_DROP",
            "gate_pieces", "branch_pieces", "constant_fed"]

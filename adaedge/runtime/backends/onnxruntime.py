@@ -20,9 +20,10 @@ import numpy as np
 
 from ...bundle import Bundle, parse_onnx, safe_join, sha256_file, write_atomic
 from ...bundle.folder import check_io
+from ...bundle.int8 import wrong_here
 from ...bundle.operators import check_operators
 from ...bundle.paths import child, current_umask, free_bytes
-from ...errors import BackendUnavailable, BundleError, UsageError
+from ...errors import BackendUnavailable, BundleError, ProcessorError, UsageError
 from ...progress import Progress
 from .base import Backend, BackendOption
 
@@ -159,12 +160,35 @@ class OnnxRuntimeBackend(Backend):
         self.executables: List[OrtExecutable] = []
 
     def device_info(self) -> Dict[str, Any]:
+        from ..processor import processor_class
         return {"name": self.device, "threads": self.threads, "pool": self.pool,
-                "precision": self.precision, "onnxruntime": self.ort.__version__}
+                "precision": self.precision, "onnxruntime": self.ort.__version__,
+                "processor": processor_class() if self.device == "cpu" else self.device}
+
+    def bundle_for(self, bundle: Bundle) -> Bundle:
+        """As :meth:`Backend.bundle_for`; on the CPU, int8 forms known to compute wrong on this
+        processor (:func:`~adaedge.bundle.int8.wrong_here`) are refused in one line."""
+        view = super().bundle_for(bundle)
+        forms = view.base.manifest.int8
+        if view.precision == "int8" and self.device == "cpu" and forms is not None:
+            from ..processor import processor_class
+            here = processor_class()
+            why = wrong_here(forms, here)
+            if why is not None:
+                made = f", calibrated on {forms.made_on}" if forms.made_on else ""
+                raise ProcessorError(
+                    f"the int8 forms of {bundle.root} are wrong on this processor{made}: {why}; "
+                    f"write forms right here with 'adaedge calibrate int8 {bundle.root} --data "
+                    "...' (7-bit weights, right on every x86), or run --precision fp32")
+        return view
 
     @property
     def cache_key(self) -> str:
-        return f"onnxruntime-{self.ort.__version__}-{self.device}-{platform.machine()}"
+        # the processor class too: the optimised graphs hold layouts chosen for this instruction
+        # set (NCHWc blocks of 16 floats on AVX-512, 8 on AVX2)
+        from ..processor import processor_class
+        where = processor_class() if self.device == "cpu" else platform.machine()
+        return f"onnxruntime-{self.ort.__version__}-{self.device}-{platform.machine()}-{where}"
 
     def _options(self, optimize: bool, save_to: Optional[Path] = None,
                  shared_arena: bool = True) -> Any:
