@@ -247,6 +247,8 @@ def test_shipped_checkpoint_reaches_its_stated_accuracy_and_still_versus_moving_
     moving = flops[np.isin(y, [CLASSES.index(c) for c in CAMERA_MOVING])].mean()
     stated = meta["still_vs_camera_moving_gflops"]
     assert abs(still / moving - stated) <= 0.1, (still / moving, stated)
+    # the gates adapt: still clips take every other frame (half the FLOPs), moving ones do not
+    assert still / moving <= 0.75 and moving >= 0.95 * rt.manifest.policy_flops("static") / 1e9
 
 
 def test_shipped_checkpoint_is_small_and_documented():
